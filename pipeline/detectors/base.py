@@ -1,0 +1,164 @@
+"""The interface every frozen detector implements, and the per-image record it returns.
+
+Stage one (``pipeline/extract.py``) only talks to detectors through :class:`Detector` and
+:class:`Extracted`; the cache (``pipeline/cache.py``) stores the fields of :class:`Extracted`
+and never sees a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Extracted:
+    """What the frozen detector gives for ONE image, with batch padding cropped away.
+
+    All float tensors share one dtype (the detector's: float32, or float64 under ``.double()``).
+
+    Attributes:
+        queries: ``[K, D]`` the top-K object queries of the LAST decoder layer (after the
+            decoder's final LayerNorm, i.e. the ``hs[-1]`` the class/box heads read), ranked by
+            their best class score (descending). D = hidden dim (256).
+        logits: ``[K, C]`` class logits (pre-sigmoid) of those queries. For DINO C = 91 and the
+            column index is the raw COCO ``category_id`` (column 0 and unused ids are dummies).
+        boxes: ``[K, 4]`` boxes, **cxcywh normalized** to the valid (unpadded) resized image,
+            i.e. to the whole original image as well.
+        query_index: ``[K]`` int64, index of each kept query among the detector's queries.
+        encoder_tokens: ``{layer: [S, D]}`` Transformer-encoder output after encoder layer
+            ``layer`` (counted from 1; ``num_encoder_layers`` = the memory the decoder reads),
+            flattened multi-scale tokens of the valid region only, levels concatenated in
+            ``spatial_shapes`` order, row-major (y, x) within a level.
+        spatial_shapes: ``[L, 2]`` int64 ``(H_l, W_l)`` of the valid region at each level
+            (sum of ``H_l * W_l`` = S).
+        level_start_index: ``[L]`` int64 start of each level in the flattened tokens.
+        valid_ratios: ``[L, 2]`` float ``(w_ratio, h_ratio)`` of the valid region inside the
+            padded map, as the detector computed them (Deformable-DETR ``get_valid_ratio``);
+            all ones when the image was not padded. After cropping the stored tokens are a
+            full (unpadded) map, so a consumer of the cache uses ratio 1.
+        c1: ``[C1, H1, W1]`` backbone stage-1 map (stride 4; 192 channels for FocalNet-L),
+            the ``C1`` of the paper's Eq. 1/5, valid region only.
+    """
+
+    queries: Tensor
+    logits: Tensor
+    boxes: Tensor
+    query_index: Tensor
+    encoder_tokens: dict[int, Tensor]
+    spatial_shapes: Tensor
+    level_start_index: Tensor
+    valid_ratios: Tensor
+    c1: Tensor
+    extras: dict = field(default_factory=dict)
+
+
+@dataclass
+class KeyReport:
+    """Result of comparing a checkpoint's state_dict with the model's.
+
+    Attributes:
+        missing: keys the model has and the file lacks.
+        unexpected: keys the file has and the model lacks (after known aliases are dropped).
+        mismatched: ``(key, file_shape, model_shape)`` for keys present in both with other shapes.
+        aliases_checked: tied alias keys that were compared equal and dropped.
+        num_params: number of (unique) parameters of the model.
+    """
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+    aliases_checked: list[str] = field(default_factory=list)
+    num_params: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def format(self, limit: int = 20) -> str:
+        """Human-readable multi-line report (at most ``limit`` keys per section)."""
+        lines = [f"parameters: {self.num_params:,}"]
+        for title, items in (("missing", self.missing), ("unexpected", self.unexpected)):
+            lines.append(f"{title} keys: {len(items)}")
+            lines += [f"  {k}" for k in items[:limit]]
+            if len(items) > limit:
+                lines.append(f"  ... and {len(items) - limit} more")
+        lines.append(f"shape mismatches: {len(self.mismatched)}")
+        lines += [f"  {k}: file {tuple(a)} vs model {tuple(b)}" for k, a, b in self.mismatched[:limit]]
+        if self.aliases_checked:
+            lines.append(f"tied aliases checked equal and dropped: {len(self.aliases_checked)}")
+        lines.append("OK" if self.ok else "MISMATCH")
+        return "\n".join(lines)
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """A frozen DETR-family detector as stage one sees it.
+
+    Implementations are ``nn.Module`` s built from plain keyword arguments (every
+    architecture size is a constructor argument).
+    """
+
+    name: str
+    hidden_dim: int
+    num_classes: int
+    num_encoder_layers: int
+
+    def config(self) -> dict:
+        """JSON-serialisable constructor arguments (recorded in the cache fingerprint)."""
+
+    def class_to_category_id(self) -> dict[int, int]:
+        """Map logit column -> dataset category id for the columns that are real classes."""
+
+    def feature_shapes(self, height: int, width: int) -> tuple[Tensor, tuple[int, int]]:
+        """Shapes the forward produces for an UNPADDED input of ``height x width`` pixels.
+
+        Returns ``(spatial_shapes [L, 2] int64, (H1, W1))``: the encoder levels and the C1 map.
+        """
+
+    def load_checkpoint(self, path: str, strict: bool = True) -> KeyReport:
+        """Load an official checkpoint file (``{'model': sd, ...}`` or a bare state_dict)."""
+
+    def extract(
+        self, images: Tensor, mask: Tensor, encoder_layers: list[int], top_k: int
+    ) -> list[Extracted]:
+        """Run the frozen forward on a padded batch and return one :class:`Extracted` per image.
+
+        Args:
+            images: ``[B, 3, H, W]`` float, ImageNet-normalised RGB, zero-padded.
+            mask: ``[B, H, W]`` bool, True on padding.
+            encoder_layers: which encoder layers (1-based) to return.
+            top_k: number of queries to keep (<= num_queries).
+        """
+
+
+def crop_tokens(tokens: Tensor, padded_shapes: Tensor, valid_shapes: Tensor) -> Tensor:
+    """Crop flattened multi-scale tokens of a padded map to the top-left valid region.
+
+    Args:
+        tokens: ``[sum H_l*W_l, D]`` tokens of one image over the padded maps.
+        padded_shapes: ``[L, 2]`` int64 padded ``(H_l, W_l)``.
+        valid_shapes: ``[L, 2]`` int64 valid ``(h_l, w_l)``, each <= the padded one.
+
+    Returns:
+        ``[sum h_l*w_l, D]`` tokens, same level order.
+
+    Raises:
+        ValueError: if a valid shape exceeds the padded one or the token count is wrong.
+    """
+    padded_shapes = padded_shapes.tolist()
+    valid_shapes = valid_shapes.tolist()
+    total = sum(h * w for h, w in padded_shapes)
+    if tokens.shape[0] != total:
+        raise ValueError(f"tokens has {tokens.shape[0]} rows, spatial_shapes sum to {total}")
+    out, start = [], 0
+    for (H, W), (h, w) in zip(padded_shapes, valid_shapes):
+        if h > H or w > W:
+            raise ValueError(f"valid shape {(h, w)} exceeds padded shape {(H, W)}")
+        level = tokens[start : start + H * W].view(H, W, -1)
+        out.append(level[:h, :w].reshape(h * w, -1))
+        start += H * W
+    return torch.cat(out, 0)
