@@ -1,0 +1,381 @@
+"""The feature cache: a chunked Zarr v3 store of what the frozen detector produced per image.
+
+Stage one (``pipeline/extract.py``) writes it once; stage two (training, evaluation) reads
+only this store. The module knows tensors and metadata, never models.
+
+Layout (``N`` images, ``K`` queries, ``D`` hidden dim, ``C`` logits, ``L`` levels, ``C1`` channels)::
+
+    <store>/zarr.json            attrs: format, format_version, fingerprint, skipped
+    image_ids       [N]        int64   exactly as in the annotation file
+    orig_size       [N, 2]     int32   (height, width) of the decoded original image, pixels
+    size            [N, 2]     int32   (height, width) after test-time resize, pixels
+    done            [N]        uint8   0 = pending/partial, 1 = done, 2 = skipped (bad image);
+                                       chunk of one image, written LAST for that image
+    queries         [N, K, D]  feature dtype   last decoder layer, top-K by best class score
+    logits          [N, K, C]  float32 class logits (column = detector class index)
+    boxes           [N, K, 4]  float32 cxcywh normalized to the image
+    query_index     [N, K]     int32   index among the detector's queries
+    spatial_shapes  [N, L, 2]  int32   (H_l, W_l) of the stored (valid) encoder levels
+    valid_ratios    [N, L, 2]  float32 as the detector computed them, (w, h)
+    token_offset    [N + 1]    int64   row range of image i in the encoder arrays
+    encoder/layer_<k> [T, D]   feature dtype   flattened multi-scale tokens after encoder layer k
+    c1_shape        [N, 2]     int32   (H1, W1)
+    c1_offset       [N + 1]    int64   row range of image i in ``c1``
+    c1              [P, C1]    feature dtype   stride-4 backbone map, pixels row-major (y, x)
+
+Ragged maps are flat with per-image offsets. Every image's rows start on a chunk boundary, so
+each image owns whole chunks: writers of different images never touch the same chunk (zarr
+loses data when two writers touch one chunk or shard), and a partially written image is simply
+rewritten on resume. Rows past an image's end inside its last chunk are never written apart
+from that chunk's fill value, so the slack costs (almost) nothing after compression.
+
+bfloat16 has no numpy dtype: it is stored as its raw 16 bits (``uint16``) and viewed back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec
+
+FORMAT = "mask-frozen-detr-cache"
+FORMAT_VERSION = 1
+FEATURE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DONE, PENDING, SKIPPED = 1, 0, 2
+
+# Fields of the fingerprint that must agree for two caches to be used together (train/val,
+# or a head trained on one cache applied to another).
+COMPATIBILITY_KEYS = ("detector", "detector_config", "checkpoint_sha256", "preprocessing",
+                      "encoder_layers", "top_k")
+
+
+class CacheError(ValueError):
+    """A cache that cannot be used as asked: wrong format, stale fingerprint, missing image."""
+
+
+def _compressor() -> BloscCodec:
+    # numcodecs' Blosc (zstd, bit-shuffle) through zarr's spec-conformant codec.
+    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+
+
+def _storage_dtype(dtype: str) -> str:
+    if dtype not in FEATURE_DTYPES:
+        raise CacheError(f"dtype must be one of {sorted(FEATURE_DTYPES)}, got {dtype!r}")
+    return "uint16" if dtype == "bfloat16" else dtype
+
+
+def _to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
+    t = t.detach().to("cpu", FEATURE_DTYPES[dtype]).contiguous()
+    if dtype == "bfloat16":
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _aligned_offsets(rows: Iterable[int], chunk_rows: int) -> np.ndarray:
+    """Start offsets with each image starting on a chunk boundary; last entry = total rows."""
+    offsets = [0]
+    for r in rows:
+        end = offsets[-1] + int(r)
+        offsets.append(-(-end // chunk_rows) * chunk_rows)  # next image starts on a chunk boundary
+    return np.asarray(offsets, dtype=np.int64)
+
+
+def fingerprint_diff(expected: dict, found: dict, keys: Iterable[str] = COMPATIBILITY_KEYS) -> list[str]:
+    """Human-readable differences between two fingerprints on ``keys`` (empty = compatible)."""
+    diffs = []
+    for k in keys:
+        a, b = expected.get(k), found.get(k)
+        if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+            diffs.append(f"{k}: expected {json.dumps(a, sort_keys=True)}, cache has {json.dumps(b, sort_keys=True)}")
+    return diffs
+
+
+@dataclass
+class ImageLayout:
+    """What the writer must know about one image before any detector output exists.
+
+    Attributes:
+        image_id: id from the annotation file.
+        orig_size: ``(height, width)`` of the original image, pixels.
+        size: ``(height, width)`` after test-time resize, pixels.
+        spatial_shapes: ``[(H_l, W_l)] * L`` of the encoder levels of the valid region.
+        c1_shape: ``(H1, W1)`` of the stride-4 map.
+    """
+
+    image_id: int
+    orig_size: tuple[int, int]
+    size: tuple[int, int]
+    spatial_shapes: list[tuple[int, int]]
+    c1_shape: tuple[int, int]
+
+
+class FeatureCache:
+    """Reader and writer of one cache store (see the module docstring for the schema).
+
+    Use :meth:`create_or_resume` to write and :meth:`open` to read. Indices ``i`` are positions
+    in ``image_ids`` (0..N-1), not image ids; :meth:`index_of` converts.
+    """
+
+    def __init__(self, path: str | os.PathLike, group: zarr.Group):
+        self.path = Path(path)
+        self.group = group
+        attrs = dict(group.attrs)
+        if attrs.get("format") != FORMAT:
+            raise CacheError(f"{self.path}: not a {FORMAT} store (attrs.format = {attrs.get('format')!r})")
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise CacheError(
+                f"{self.path}: cache format version {attrs.get('format_version')} is not supported "
+                f"(this code reads version {FORMAT_VERSION}); re-run extract"
+            )
+        self.fingerprint: dict = attrs["fingerprint"]
+        self.dtype: str = self.fingerprint["dtype"]
+        self.encoder_layers: list[int] = list(self.fingerprint["encoder_layers"])
+        self.image_ids: np.ndarray = group["image_ids"][:]
+        self._index = {int(i): n for n, i in enumerate(self.image_ids)}
+        self._token_offset = group["token_offset"][:]
+        self._c1_offset = group["c1_offset"][:]
+        self._spatial_shapes = group["spatial_shapes"][:]
+        self._c1_shape = group["c1_shape"][:]
+        self._size = group["size"][:]
+        self._orig_size = group["orig_size"][:]
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, path: str | os.PathLike, expected: dict | None = None,
+             keys: Iterable[str] = COMPATIBILITY_KEYS, mode: str = "r") -> "FeatureCache":
+        """Open an existing store (read-only by default), optionally checking its fingerprint.
+
+        Args:
+            path: the ``.zarr`` directory.
+            mode: ``"r"`` or ``"r+"`` (a writer process resuming its share of the images).
+            expected: a fingerprint (or part of one) the cache must match on ``keys``.
+
+        Raises:
+            CacheError: missing/foreign store, unsupported version, or a fingerprint that
+                differs from ``expected`` (the message lists each differing field).
+        """
+        path = Path(path)
+        if not (path / "zarr.json").exists():
+            raise CacheError(f"{path}: no feature cache here (missing {path / 'zarr.json'}); run `cli.py extract` first")
+        cache = cls(path, zarr.open_group(str(path), mode=mode))
+        if expected is not None:
+            diffs = fingerprint_diff(expected, cache.fingerprint, keys)
+            if diffs:
+                raise CacheError(f"{path}: cache is stale or from another setup:\n  " + "\n  ".join(diffs))
+        return cache
+
+    @classmethod
+    def create_or_resume(cls, path: str | os.PathLike, fingerprint: dict, layouts: list[ImageLayout],
+                         *, top_k: int, hidden_dim: int, num_classes: int, c1_channels: int,
+                         token_chunk_rows: int = 8192, c1_chunk_rows: int = 8192,
+                         overwrite: bool = False) -> "FeatureCache":
+        """Create a new store, or reopen one written by the same command to resume it.
+
+        Args:
+            fingerprint: JSON-serialisable dict; must contain ``dtype`` (a key of
+                ``FEATURE_DTYPES``) and ``encoder_layers`` (list of int), and should contain
+                every field of ``COMPATIBILITY_KEYS``.
+            layouts: one :class:`ImageLayout` per image, in store order.
+            overwrite: delete an existing store at ``path`` instead of resuming it.
+
+        Raises:
+            CacheError: an existing store at ``path`` has another fingerprint or other images
+                (the message says what differs and suggests ``--overwrite``).
+        """
+        path = Path(path)
+        dtype = fingerprint["dtype"]
+        sdtype = _storage_dtype(dtype)
+        image_ids = np.asarray([l.image_id for l in layouts], dtype=np.int64)
+        if (path / "zarr.json").exists() and not overwrite:
+            cache = cls.open(path)
+            diffs = fingerprint_diff(fingerprint, cache.fingerprint, keys=sorted(fingerprint))
+            if diffs or not np.array_equal(cache.image_ids, image_ids):
+                if not np.array_equal(cache.image_ids, image_ids):
+                    diffs.append(f"image_ids: {len(image_ids)} requested, cache holds {len(cache.image_ids)} "
+                                 "(or another selection)")
+                raise CacheError(
+                    f"{path}: exists and was written with other settings, so it cannot be resumed:\n  "
+                    + "\n  ".join(diffs) + "\nUse another --out or pass --overwrite to replace it."
+                )
+            return cls(path, zarr.open_group(str(path), mode="r+"))
+
+        if path.exists() and not (path / "zarr.json").exists() and any(path.iterdir()):
+            raise CacheError(f"{path}: exists and is not a feature cache; refusing to write into it")
+        if overwrite and path.exists():
+            shutil.rmtree(path)
+        # Built under a temporary name and renamed into place: a crash while creating never
+        # leaves a half-made store at ``path``.
+        partial = path.with_name(path.name + ".partial")
+        if partial.exists():
+            shutil.rmtree(partial)
+        n = len(layouts)
+        num_levels = len(layouts[0].spatial_shapes) if layouts else 0
+        group = zarr.open_group(str(partial), mode="w")
+        tok_rows = [sum(h * w for h, w in l.spatial_shapes) for l in layouts]
+        c1_rows = [l.c1_shape[0] * l.c1_shape[1] for l in layouts]
+        token_offset = _aligned_offsets(tok_rows, token_chunk_rows)
+        c1_offset = _aligned_offsets(c1_rows, c1_chunk_rows)
+        comp = _compressor()
+
+        def small(name, data):
+            arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape or (1,),
+                                     compressors=comp, fill_value=0)
+            arr[...] = data
+
+        small("image_ids", image_ids)
+        small("orig_size", np.asarray([l.orig_size for l in layouts], dtype=np.int32).reshape(n, 2))
+        small("size", np.asarray([l.size for l in layouts], dtype=np.int32).reshape(n, 2))
+        small("spatial_shapes", np.asarray([l.spatial_shapes for l in layouts], dtype=np.int32).reshape(n, num_levels, 2))
+        small("c1_shape", np.asarray([l.c1_shape for l in layouts], dtype=np.int32).reshape(n, 2))
+        small("token_offset", token_offset)
+        small("c1_offset", c1_offset)
+        group.create_array("done", shape=(n,), chunks=(1,), dtype="uint8", fill_value=PENDING, compressors=None)
+        per_image = dict(
+            queries=((n, top_k, hidden_dim), sdtype), logits=((n, top_k, num_classes), "float32"),
+            boxes=((n, top_k, 4), "float32"), query_index=((n, top_k), "int32"),
+            valid_ratios=((n, num_levels, 2), "float32"),
+        )
+        for name, (shape, dt) in per_image.items():
+            group.create_array(name, shape=shape, chunks=(1,) + shape[1:], dtype=dt, compressors=comp, fill_value=0)
+        enc = group.create_group("encoder")
+        for k in fingerprint["encoder_layers"]:
+            enc.create_array(f"layer_{k}", shape=(int(token_offset[-1]), hidden_dim),
+                             chunks=(token_chunk_rows, hidden_dim), dtype=sdtype, compressors=comp, fill_value=0)
+        group.create_array("c1", shape=(int(c1_offset[-1]), c1_channels), chunks=(c1_chunk_rows, c1_channels),
+                           dtype=sdtype, compressors=comp, fill_value=0)
+        # attrs last: a store without them is not a cache and will be recreated.
+        group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION,
+                            "fingerprint": fingerprint, "skipped": {}})
+        os.replace(partial, path)
+        return cls(path, zarr.open_group(str(path), mode="r+"))
+
+    # ------------------------------------------------------------------ status
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def index_of(self, image_id: int) -> int:
+        """Position of ``image_id`` in the store. Raises CacheError if absent."""
+        try:
+            return self._index[int(image_id)]
+        except KeyError:
+            raise CacheError(f"{self.path}: image id {image_id} is not in this cache") from None
+
+    def status(self) -> np.ndarray:
+        """``[N]`` uint8: 0 pending/partial, 1 done, 2 skipped."""
+        return self.group["done"][:]
+
+    def done_indices(self) -> list[int]:
+        """Indices of completely written images."""
+        return [int(i) for i in np.flatnonzero(self.status() == DONE)]
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """``{image_id: reason}`` of images skipped by ``--skip-bad-images``."""
+        return dict(self.group.attrs.get("skipped", {}))
+
+    # ------------------------------------------------------------------ writing
+    def write(self, i: int, *, queries, logits, boxes, query_index, encoder_tokens: dict[int, torch.Tensor],
+              spatial_shapes, valid_ratios, c1: torch.Tensor) -> None:
+        """Write every array of image ``i``, then set its ``done`` flag (last).
+
+        Args:
+            queries ``[K, D]``, logits ``[K, C]``, boxes ``[K, 4]`` cxcywh normalized,
+            query_index ``[K]``, encoder_tokens ``{layer: [S, D]}``, spatial_shapes ``[L, 2]``,
+            valid_ratios ``[L, 2]``, c1 ``[C1, H1, W1]``: the fields of
+            :class:`pipeline.detectors.base.Extracted`.
+
+        Raises:
+            CacheError: shapes disagree with the layout the store was created with (the
+                message names the field); nothing of image ``i`` is marked done then.
+        """
+        g, dt = self.group, self.dtype
+        exp_shapes = self._spatial_shapes[i]
+        got_shapes = np.asarray(torch.as_tensor(spatial_shapes).tolist(), dtype=np.int32)
+        if got_shapes.shape != exp_shapes.shape or not np.array_equal(got_shapes, exp_shapes):
+            raise CacheError(f"image {self.image_ids[i]}: spatial_shapes {got_shapes.tolist()} differ from the "
+                             f"layout {exp_shapes.tolist()} computed before extraction")
+        h1, w1 = (int(x) for x in self._c1_shape[i])
+        if tuple(c1.shape[1:]) != (h1, w1):
+            raise CacheError(f"image {self.image_ids[i]}: c1 has shape {tuple(c1.shape)}, layout expects [*, {h1}, {w1}]")
+        if set(encoder_tokens) != set(self.encoder_layers):
+            raise CacheError(f"image {self.image_ids[i]}: encoder layers {sorted(encoder_tokens)} != cache's {self.encoder_layers}")
+        t0, c0 = int(self._token_offset[i]), int(self._c1_offset[i])
+        n_tok = int((exp_shapes[:, 0] * exp_shapes[:, 1]).sum())
+        g["done"][i] = PENDING
+        g["queries"][i] = _to_storage(queries, dt)
+        g["logits"][i] = logits.detach().to("cpu", torch.float32).numpy()
+        g["boxes"][i] = boxes.detach().to("cpu", torch.float32).numpy()
+        g["query_index"][i] = query_index.detach().to("cpu", torch.int32).numpy()
+        g["valid_ratios"][i] = torch.as_tensor(valid_ratios).detach().to("cpu", torch.float32).numpy()
+        for k, tokens in encoder_tokens.items():
+            if tokens.shape[0] != n_tok:
+                raise CacheError(f"image {self.image_ids[i]}: encoder layer {k} has {tokens.shape[0]} tokens, "
+                                 f"spatial_shapes give {n_tok}")
+            g[f"encoder/layer_{k}"][t0 : t0 + n_tok] = _to_storage(tokens, dt)
+        g["c1"][c0 : c0 + h1 * w1] = _to_storage(c1.flatten(1).transpose(0, 1), dt)
+        g["done"][i] = DONE
+
+    def mark_skipped(self, i: int, reason: str) -> None:
+        """Flag image ``i`` as skipped (bad input) and record why in the store's attrs."""
+        skipped = self.skipped
+        skipped[str(int(self.image_ids[i]))] = reason
+        self.group.attrs["skipped"] = skipped
+        self.group["done"][i] = SKIPPED
+
+    # ------------------------------------------------------------------ reading
+    def read(self, i: int, encoder_layer: int | None = None) -> dict[str, Any]:
+        """Everything stored for image ``i`` as tensors (features in the cache dtype).
+
+        Returns a dict: ``image_id`` int, ``orig_size``/``size`` ``(h, w)`` ints,
+        ``queries [K, D]``, ``logits [K, C]`` float32, ``boxes [K, 4]`` float32 cxcywh
+        normalized, ``query_index [K]`` int64, ``spatial_shapes [L, 2]`` int64,
+        ``level_start_index [L]`` int64, ``valid_ratios [L, 2]``, ``tokens [S, D]`` (of
+        ``encoder_layer``, default the first stored layer), ``c1 [C1, H1, W1]``.
+
+        Raises:
+            CacheError: image ``i`` is not completely written, or the layer is not stored.
+        """
+        g, dt = self.group, self.dtype
+        if int(g["done"][i]) != DONE:
+            raise CacheError(f"{self.path}: image {int(self.image_ids[i])} is not completely extracted "
+                             f"(status {int(g['done'][i])}); re-run extract to finish it")
+        layer = self.encoder_layers[0] if encoder_layer is None else int(encoder_layer)
+        if layer not in self.encoder_layers:
+            raise CacheError(f"{self.path}: encoder layer {layer} not stored (have {self.encoder_layers})")
+        shapes = torch.from_numpy(self._spatial_shapes[i].astype(np.int64))
+        sizes = shapes[:, 0] * shapes[:, 1]
+        t0, c0 = int(self._token_offset[i]), int(self._c1_offset[i])
+        h1, w1 = (int(x) for x in self._c1_shape[i])
+        c1 = _from_storage(g["c1"][c0 : c0 + h1 * w1], dt)
+        return {
+            "image_id": int(self.image_ids[i]),
+            "orig_size": tuple(int(x) for x in self._orig_size[i]),
+            "size": tuple(int(x) for x in self._size[i]),
+            "queries": _from_storage(g["queries"][i], dt),
+            "logits": torch.from_numpy(g["logits"][i]),
+            "boxes": torch.from_numpy(g["boxes"][i]),
+            "query_index": torch.from_numpy(g["query_index"][i].astype(np.int64)),
+            "spatial_shapes": shapes,
+            "level_start_index": torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1])),
+            "valid_ratios": torch.from_numpy(g["valid_ratios"][i]),
+            "tokens": _from_storage(g[f"encoder/layer_{layer}"][t0 : t0 + int(sizes.sum())], dt),
+            "c1": c1.transpose(0, 1).reshape(-1, h1, w1),
+        }
+
+    def disk_bytes(self) -> int:
+        """Bytes the store occupies on disk (all files under ``path``)."""
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())

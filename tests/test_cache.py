@@ -1,0 +1,131 @@
+"""Feature cache: round trip per dtype, chunk ownership, resume/refusal rules, bad stores."""
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline.cache import DONE, PENDING, SKIPPED, CacheError, FeatureCache, ImageLayout, fingerprint_diff
+
+SHAPES = [[(20, 30), (10, 15), (5, 8)], [(16, 16), (8, 8), (4, 4)], [(7, 9), (4, 5), (2, 3)]]
+
+
+def _fingerprint(dtype="float16", **kw):
+    fp = {"detector": "toy", "detector_config": {"d": 8}, "checkpoint_sha256": "random-init:seed=0",
+          "preprocessing": {"min_size": 64, "max_size": 96}, "encoder_layers": [4, 6], "top_k": 5, "dtype": dtype,
+          "class_to_category_id": {"1": 1}, "ann_file": "/x.json", "ann_sha256": "abc"}
+    fp.update(kw)
+    return fp
+
+
+def _layouts():
+    return [ImageLayout(100 + i, (h * 4, w * 4), (h * 4, w * 4), s, (h, w)) for i, s in enumerate(SHAPES)
+            for h, w in [s[0]]]
+
+
+def _record(i, seed=0):
+    g = torch.Generator().manual_seed(seed + i)
+    s = SHAPES[i]
+    n_tok = sum(h * w for h, w in s)
+    return dict(queries=torch.randn(5, 8, generator=g), logits=torch.randn(5, 3, generator=g),
+                boxes=torch.rand(5, 4, generator=g), query_index=torch.randperm(20, generator=g)[:5],
+                encoder_tokens={4: torch.randn(n_tok, 8, generator=g), 6: torch.randn(n_tok, 8, generator=g)},
+                spatial_shapes=torch.tensor(s), valid_ratios=torch.ones(3, 2), c1=torch.randn(6, *s[0], generator=g))
+
+
+def _create(path, dtype="float16", **kw):
+    return FeatureCache.create_or_resume(path, _fingerprint(dtype), _layouts(), top_k=5, hidden_dim=8, num_classes=3,
+                                         c1_channels=6, token_chunk_rows=64, c1_chunk_rows=64, **kw)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_round_trip_returns_what_was_written_after_cast(tmp_path, dtype):
+    cache = _create(tmp_path / "c.zarr", dtype)
+    recs = [_record(i) for i in range(3)]
+    for i in (2, 0, 1):  # any order: each image owns its chunks
+        cache.write(i, **recs[i])
+    reader = FeatureCache.open(tmp_path / "c.zarr")
+    tdt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    for i, rec in enumerate(recs):
+        for layer in (4, 6):
+            got = reader.read(i, layer)
+            assert got["tokens"].dtype == tdt
+            assert torch.equal(got["tokens"], rec["encoder_tokens"][layer].to(tdt))
+        assert torch.equal(got["queries"], rec["queries"].to(tdt))
+        assert torch.equal(got["c1"], rec["c1"].to(tdt))
+        assert torch.equal(got["logits"], rec["logits"]) and torch.equal(got["boxes"], rec["boxes"])
+        assert torch.equal(got["query_index"], rec["query_index"])
+        assert got["spatial_shapes"].tolist() == [list(x) for x in SHAPES[i]]
+        assert got["level_start_index"].tolist() == [0, SHAPES[i][0][0] * SHAPES[i][0][1],
+                                                     SHAPES[i][0][0] * SHAPES[i][0][1] + SHAPES[i][1][0] * SHAPES[i][1][1]]
+        assert got["image_id"] == 100 + i
+    assert reader.done_indices() == [0, 1, 2]
+    assert reader.fingerprint["dtype"] == dtype
+
+
+def test_images_start_on_chunk_boundaries(tmp_path):
+    cache = _create(tmp_path / "c.zarr")
+    offs = cache.group["token_offset"][:]
+    assert all(o % 64 == 0 for o in offs)
+    tok = [sum(h * w for h, w in s) for s in SHAPES]
+    assert all(offs[i + 1] - offs[i] >= tok[i] for i in range(3))
+    assert all(offs[i + 1] - offs[i] - tok[i] < 64 for i in range(3))  # at most one partly-used chunk
+
+
+def test_partial_image_is_not_readable_and_resume_keeps_done(tmp_path):
+    path = tmp_path / "c.zarr"
+    cache = _create(path)
+    cache.write(0, **_record(0))
+    cache.group["done"][1] = PENDING  # image 1 never finished
+    with pytest.raises(CacheError, match="not completely extracted"):
+        FeatureCache.open(path).read(1)
+    resumed = _create(path)  # same settings: resumes
+    assert resumed.status().tolist() == [DONE, PENDING, PENDING]
+    assert torch.equal(resumed.read(0, 4)["tokens"], _record(0)["encoder_tokens"][4].half())
+
+
+def test_other_settings_are_refused_with_the_difference(tmp_path):
+    path = tmp_path / "c.zarr"
+    _create(path).write(0, **_record(0))
+    with pytest.raises(CacheError, match="top_k: expected 9, cache has 5"):
+        FeatureCache.create_or_resume(path, _fingerprint(top_k=9), _layouts(), top_k=9, hidden_dim=8, num_classes=3,
+                                      c1_channels=6)
+    with pytest.raises(CacheError, match="checkpoint_sha256"):
+        FeatureCache.open(path, expected=_fingerprint(checkpoint_sha256="deadbeef"))
+    # the refused calls did not touch what was written
+    assert torch.equal(FeatureCache.open(path).read(0, 6)["tokens"], _record(0)["encoder_tokens"][6].half())
+    assert fingerprint_diff(_fingerprint(), _fingerprint(ann_file="/other.json")) == []  # not a compatibility key
+
+
+def test_overwrite_replaces(tmp_path):
+    path = tmp_path / "c.zarr"
+    _create(path).write(0, **_record(0))
+    fresh = _create(path, overwrite=True)
+    assert fresh.status().tolist() == [PENDING] * 3
+
+
+def test_skipped_is_recorded(tmp_path):
+    cache = _create(tmp_path / "c.zarr")
+    cache.mark_skipped(1, "truncated JPEG")
+    reader = FeatureCache.open(tmp_path / "c.zarr")
+    assert reader.status()[1] == SKIPPED and reader.skipped == {"101": "truncated JPEG"}
+
+
+def test_write_rejects_shapes_that_disagree_with_layout(tmp_path):
+    cache = _create(tmp_path / "c.zarr")
+    rec = _record(0)
+    rec["spatial_shapes"] = torch.tensor([[20, 31], [10, 15], [5, 8]])
+    with pytest.raises(CacheError, match="spatial_shapes"):
+        cache.write(0, **rec)
+    assert cache.status()[0] == PENDING
+
+
+def test_not_a_cache(tmp_path):
+    with pytest.raises(CacheError, match="no feature cache"):
+        FeatureCache.open(tmp_path / "nothing.zarr")
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w").attrs["format"] = "something-else"
+    with pytest.raises(CacheError, match="not a mask-frozen-detr-cache"):
+        FeatureCache.open(tmp_path / "other.zarr")
+    with pytest.raises(CacheError, match="dtype must be"):
+        FeatureCache.create_or_resume(tmp_path / "x.zarr", _fingerprint("int8"), _layouts(), top_k=5, hidden_dim=8,
+                                      num_classes=3, c1_channels=6)
