@@ -1,0 +1,263 @@
+"""Mask Frozen-DETR command line: extract -> train-head -> evaluate (plus check-weights, params, env).
+
+Each command parses its flags, calls one pipeline function, prints and exits. Errors from bad
+input are printed as one clear message (exit code 2) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _user_errors():
+    from pipeline.cache import CacheError
+    from pipeline.config import ConfigError
+    from pipeline.data import DataError
+
+    errors = [CacheError, ConfigError, DataError, ValueError, FileNotFoundError]
+    try:
+        from pipeline.detectors.checkpoint import CheckpointError
+
+        errors.insert(0, CheckpointError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def friendly_errors(fn):
+    """Turn expected user-input errors into ``Error: <message>`` and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _user_errors() as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _int_list(ctx, param, value):
+    if value is None or value == "":
+        return None
+    try:
+        return [int(v) for v in str(value).replace(" ", "").split(",") if v]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose):
+    """Mask Frozen-DETR: instance masks from a frozen DETR detector plus a small trained mask head.
+
+    \b
+    1. extract      run the frozen detector once over a COCO-format dataset into a Zarr cache
+    2. train-head   train the mask head from the cache only
+    3. evaluate     COCO mask and box AP of a trained head on a cache
+    """
+    _setup_logging(verbose)
+
+
+# ----------------------------------------------------------------------------------- extract
+@main.command()
+@click.option("--detector", default="dino-focalnet", show_default=True, help="Detector registry name.")
+@click.option("--preset", default="large", show_default=True,
+              help="Architecture preset: 'large' = the official release; 'golden-small' = the reduced test model.")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
+              help="Official checkpoint (.pth with a 'model' dict, or a bare state_dict).")
+@click.option("--random-init", is_flag=True,
+              help="Run without weights: random detector from --seed. Recorded in the store; all numbers are meaningless.")
+@click.option("--seed", default=0, show_default=True, help="Seed of --random-init weights.")
+@click.option("--coco-root", type=click.Path(file_okay=False, path_type=Path),
+              help="COCO root with annotations/instances_<split>.json and <split>/ images.")
+@click.option("--split", help="Split name under --coco-root, e.g. train2017, val2017.")
+@click.option("--ann-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Annotation json (instead of --coco-root/--split).")
+@click.option("--image-dir", type=click.Path(file_okay=False, path_type=Path), help="Image folder for --ann-file.")
+@click.option("--image-ids", callback=_int_list, help="Comma-separated image ids to extract (default: all).")
+@click.option("--max-images", type=int, help="Extract only the first N images (in annotation-file order of ids).")
+@click.option("--min-size", default=800, show_default=True, help="Test-time resize: shorter side, pixels.")
+@click.option("--max-size", default=1333, show_default=True, help="Test-time resize: cap on the longer side, pixels.")
+@click.option("--encoder-layers", default="4", show_default=True, callback=_int_list,
+              help="Encoder layers to store, counted from 1 (6 = the memory the decoder reads); comma-separated.")
+@click.option("--top-k", default=100, show_default=True, help="Queries kept per image, by best class score (<= 900).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
+              show_default=True, help="Stored feature dtype.")
+@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+              help="Detector compute precision.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
+@click.option("--workers", default=1, show_default=True,
+              help="Worker processes (dask); each owns whole images of the store.")
+@click.option("--skip-bad-images", is_flag=True,
+              help="Record unreadable images in the store's skipped list and go on (default: stop with an error).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at --out instead of resuming it.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output .zarr store.")
+@friendly_errors
+def extract(**kw):
+    """Run the frozen detector ONCE per image and write the feature cache (resumable).
+
+    Re-running the same command resumes: finished images are skipped, a partly written one is
+    redone. A store written with other settings is refused (use --overwrite or another --out).
+    """
+    from pipeline.extract import ExtractOptions, run_extract
+
+    opts = ExtractOptions(**kw)
+    summary = run_extract(opts)
+    if summary["random_init"]:
+        click.echo("WARNING: random-init detector: the cache only serves to test the pipeline.", err=True)
+    click.echo(json.dumps(summary, indent=1))
+
+
+# ----------------------------------------------------------------------------- check-weights
+@main.command("check-weights")
+@click.option("--detector", default="dino-focalnet", show_default=True)
+@click.option("--preset", default="large", show_default=True)
+@click.option("--weights", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@friendly_errors
+def check_weights(detector, preset, weights):
+    """Load a checkpoint into the detector and print the key report (exit 1 on any mismatch)."""
+    import torch
+
+    from pipeline.detectors import build_detector
+
+    with torch.device("meta"):
+        model = build_detector(detector, preset=preset)
+    report = model.load_checkpoint(str(weights), strict=False)
+    click.echo(report.format())
+    sys.exit(0 if report.ok else 1)
+
+
+# -------------------------------------------------------------------------------- train-head
+@main.command("train-head")
+@click.option("--cache", required=True, type=click.Path(file_okay=False, path_type=Path), help="Training cache.")
+@click.option("--val-cache", type=click.Path(file_okay=False, path_type=Path),
+              help="Validation cache, evaluated at the end.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path(__file__).parent / "configs" / "mfdetr_dino_focalnet_l.yaml", show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config field, e.g. --set head.box_dim=96 (repeatable).")
+@click.option("--epochs", type=int, help="Shortcut for --set train.epochs=N.")
+@click.option("--max-iters", type=int, help="Stop after N iterations (a short run: --max-iters 20).")
+@click.option("--batch-size", type=int, help="Images per iteration (paper: 8; 2 and 4 supported).")
+@click.option("--boxes", type=click.Choice(["pred", "gt"]),
+              help="Train (and evaluate) on the detector's boxes or on ground-truth boxes.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--ann-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Training annotations, if moved since extraction.")
+@click.option("--val-ann-file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
+@friendly_errors
+def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batch_size, boxes, device, resume,
+               ann_file, val_ann_file, out):
+    """Train the mask head from the cache only (the detector is never built).
+
+    Writes <out>/config.yaml (resolved), <out>/metrics.jsonl, <out>/checkpoint.pt (latest) and
+    <out>/head.pt (final). With --val-cache, also <out>/eval/metrics.json.
+    """
+    from pipeline.config import load_config
+    from pipeline.evaluate import format_ap_table
+    from pipeline.train import train
+
+    extra = list(overrides)
+    for key, val in (("epochs", epochs), ("max_iters", max_iters), ("batch_size", batch_size), ("boxes", boxes)):
+        if val is not None:
+            extra.append(f"train.{key}={val}")
+    cfg = load_config(config_path, extra)
+    result = train(cfg, cache, out, val_cache=val_cache, resume=resume, device=device, ann_file=ann_file,
+                   val_ann_file=val_ann_file)
+    click.echo(f"head: {result['head']} (step {result['step']})")
+    if result["eval"] is not None:
+        click.echo(format_ap_table(result["eval"]))
+
+
+# ---------------------------------------------------------------------------------- evaluate
+@main.command()
+@click.option("--cache", required=True, type=click.Path(file_okay=False, path_type=Path), help="Cache to evaluate.")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path), help="head.pt")
+@click.option("--boxes", type=click.Choice(["pred", "gt"]), help="Default: what the head was trained with.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--ann-file", type=click.Path(dir_okay=False, path_type=Path), help="Annotations, if moved.")
+@click.option("--format-only", is_flag=True, help="Write results json without ground truth (test-dev).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override evaluate.* fields, e.g. --set evaluate.top_n=50.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@friendly_errors
+def evaluate(cache, checkpoint, boxes, device, ann_file, format_only, overrides, out):
+    """COCO mask (segm) and box AP of a trained head; writes results json and metrics.json."""
+    from pipeline.config import apply_overrides, config_from_dict
+    from pipeline.evaluate import format_ap_table
+    from pipeline.head import HeadConfig, build_head
+    from pipeline.inference import evaluate_cache
+    from pipeline.train import load_checkpoint, resolve_device
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = config_from_dict(apply_overrides(ckpt["config"], list(overrides)), where=str(checkpoint))
+    head = build_head(HeadConfig.from_dict(cfg.head))[0]
+    head.load_state_dict(ckpt["head"])
+    dev = resolve_device(device)
+    head.to(dev)
+    metrics = evaluate_cache(head, cfg, cache, out, device=dev, boxes=boxes or cfg.train.boxes, ann_file=ann_file,
+                             format_only=format_only, expected_fingerprint=ckpt["fingerprint"])
+    if not format_only:
+        click.echo(format_ap_table(metrics))
+    click.echo(f"results: {Path(out) / 'coco_instances_results.json'}")
+
+
+# ------------------------------------------------------------------------------------ params
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path(__file__).parent / "configs" / "mfdetr_dino_focalnet_l.yaml", show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@friendly_errors
+def params(config_path, overrides):
+    """Count the trainable parameters of the head a config builds (the paper's ▲#params)."""
+    from pipeline.config import load_config
+    from pipeline.head import HeadConfig, build_head, count_parameters, parameter_table
+
+    cfg = load_config(config_path, list(overrides))
+    head = build_head(HeadConfig.from_dict(cfg.head))[0]
+    for name, n in parameter_table(head):
+        click.echo(f"{name:<40s} {n:>12,d}")
+    total = count_parameters(head)
+    click.echo(f"{'total':<40s} {total:>12,d}  ({total / 1e6:.2f} M)")
+
+
+# --------------------------------------------------------------------------------------- env
+@main.command()
+def env():
+    """Print library versions, devices and the kernel implementations available."""
+    import platform
+
+    import numcodecs
+    import torch
+    import torchvision
+    import zarr
+
+    from kernels.ops import MS_DEFORM_ATTN_IMPLS
+
+    click.echo(f"python       {platform.python_version()}")
+    click.echo(f"torch        {torch.__version__} (CUDA build {torch.version.cuda}, available: {torch.cuda.is_available()})")
+    if torch.cuda.is_available():
+        click.echo(f"devices      {[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}")
+        click.echo(f"arch list    {torch.cuda.get_arch_list()}")
+    click.echo(f"torchvision  {torchvision.__version__}")
+    click.echo(f"zarr         {zarr.__version__}; numcodecs {numcodecs.__version__}")
+    click.echo(f"ms_deform_attn implementations: {', '.join(MS_DEFORM_ATTN_IMPLS)} (no compiled kernel yet)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Stage one: run the frozen detector once over a COCO-format dataset into the feature cache.
+
+Data flow: annotation file -> (decode, resize, normalise) -> detector.extract -> FeatureCache.
+Every image owns its own chunks in the store and its ``done`` flag is written last, so an
+interrupted run (even SIGKILL) resumes by re-running the same command: finished images are
+skipped and a partially written image is rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import data
+from .cache import DONE, PENDING, SKIPPED, FeatureCache, ImageLayout
+from .detectors import build_detector
+
+log = logging.getLogger(__name__)
+
+RANDOM_INIT_BANNER = ("RANDOM-INIT DETECTOR (no --weights): every number below is meaningless; "
+                      "it only shows that the pipeline runs")
+
+
+@dataclass
+class ExtractOptions:
+    """Options of ``cli.py extract`` (see its ``--help``).
+
+    Attributes:
+        detector: registry name (``dino-focalnet``).
+        preset: architecture preset of that detector (``large`` = the official release).
+        weights: checkpoint path, or None with ``random_init``.
+        random_init: allow running without weights (random weights from ``seed``).
+        encoder_layers: encoder layers to store, counted from 1.
+        top_k: queries kept per image.
+        dtype: stored feature dtype (``float16``, ``bfloat16``, ``float32``).
+        min_size, max_size: test-time resize (pixels): shorter side, cap on the longer side.
+    """
+
+    out: Path
+    detector: str = "dino-focalnet"
+    preset: str = "large"
+    weights: Path | None = None
+    random_init: bool = False
+    seed: int = 0
+    coco_root: Path | None = None
+    split: str | None = None
+    ann_file: Path | None = None
+    image_dir: Path | None = None
+    image_ids: list[int] | None = None
+    max_images: int | None = None
+    min_size: int = 800
+    max_size: int = 1333
+    encoder_layers: list[int] = field(default_factory=lambda: [4])
+    top_k: int = 100
+    dtype: str = "float16"
+    device: str = "cpu"
+    precision: str = "float32"
+    skip_bad_images: bool = False
+    overwrite: bool = False
+    workers: int = 1
+
+
+def sha256_of(path: Path) -> str:
+    """SHA-256 hex digest of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_frozen_detector(opts: ExtractOptions):
+    """Build the detector, load weights (or seed a random init), freeze it.
+
+    Returns ``(detector, checkpoint_sha256)``; the sha is ``"random-init:seed=<seed>"``
+    without weights.
+
+    Raises:
+        click-independent ``ValueError``: neither ``weights`` nor ``random_init`` given;
+        ``CheckpointError``: the file is not the detector's checkpoint (key report in the message).
+    """
+    if opts.weights is None and not opts.random_init:
+        raise ValueError("--weights is required (the official checkpoint file); pass --random-init to run "
+                         "with random weights for a smoke test")
+    torch.manual_seed(opts.seed)
+    detector = build_detector(opts.detector, preset=opts.preset)
+    if opts.weights is not None:
+        report = detector.load_checkpoint(str(opts.weights), strict=True)
+        log.info("loaded %s: %s", opts.weights, report.format().splitlines()[-1])
+        sha = sha256_of(Path(opts.weights))
+    else:
+        warnings.warn(RANDOM_INIT_BANNER, stacklevel=2)
+        sha = f"random-init:seed={opts.seed}"
+    dtype = {"float32": torch.float32, "float64": torch.float64}[opts.precision]
+    detector = detector.to(device=opts.device, dtype=dtype).eval().requires_grad_(False)
+    return detector, sha
+
+
+def make_fingerprint(opts: ExtractOptions, detector, checkpoint_sha: str, ann_file: Path) -> dict:
+    """Everything that determines the cached values (the cache's identity)."""
+    return {
+        "detector": opts.detector,
+        "detector_config": detector.config(),
+        "checkpoint_sha256": checkpoint_sha,
+        "random_init": opts.weights is None,
+        "preprocessing": {"min_size": opts.min_size, "max_size": opts.max_size,
+                          "mean": list(data.IMAGENET_MEAN), "std": list(data.IMAGENET_STD),
+                          "resize": "PIL bilinear, DETR get_size_with_aspect_ratio", "exif_transpose": True,
+                          "precision": opts.precision},
+        "encoder_layers": sorted(set(int(k) for k in opts.encoder_layers)),
+        "top_k": int(opts.top_k),
+        "dtype": opts.dtype,
+        "class_to_category_id": {str(k): int(v) for k, v in detector.class_to_category_id().items()},
+        "ann_file": str(Path(ann_file).resolve()),
+        "ann_sha256": sha256_of(Path(ann_file)),
+    }
+
+
+def _layouts(coco, image_ids, detector, min_size, max_size) -> list[ImageLayout]:
+    layouts = []
+    for image_id in image_ids:
+        info = coco.imgs[image_id]
+        w, h = int(info["width"]), int(info["height"])
+        rh, rw = data.resize_shape(w, h, min_size, max_size)
+        shapes, c1_hw = detector.feature_shapes(rh, rw)
+        layouts.append(ImageLayout(int(image_id), (h, w), (rh, rw),
+                                   [tuple(int(x) for x in s) for s in shapes.tolist()], tuple(int(x) for x in c1_hw)))
+    return layouts
+
+
+def _extract_indices(opts: ExtractOptions, indices: list[int], detector=None, position: int = 0) -> list[tuple[int, str]]:
+    """Extract the images at store positions ``indices``; returns ``[(index, reason)]`` skipped.
+
+    Runs in the main process (one worker) or in a dask worker process, which then builds its
+    own detector and opens the store itself.
+    """
+    ann_file, image_dir = data.resolve_dataset(opts.coco_root, opts.split, opts.ann_file, opts.image_dir)
+    cache = FeatureCache.open(opts.out, mode="r+")
+    if detector is None:
+        detector, _ = build_frozen_detector(opts)
+    coco = data.load_coco(ann_file)
+    skipped = []
+    dtype = next(detector.parameters()).dtype
+    bar = tqdm(indices, desc="extract", unit="img", position=position, dynamic_ncols=True)
+    for i in bar:
+        image_id = int(cache.image_ids[i])
+        info = coco.imgs[image_id]
+        path = Path(image_dir) / info["file_name"]
+        try:
+            image = data.load_image(path, expected_size=(int(info["width"]), int(info["height"])))
+        except data.DataError as e:
+            if not opts.skip_bad_images:
+                raise
+            log.warning("skipping image %d: %s", image_id, e)
+            skipped.append((i, str(e)))
+            cache.group["done"][i] = SKIPPED
+            continue
+        x = data.preprocess(image, opts.min_size, opts.max_size).to(opts.device, dtype)
+        mask = torch.zeros((1,) + x.shape[1:], dtype=torch.bool, device=opts.device)
+        ex = detector.extract(x[None], mask, list(cache.encoder_layers), cache.fingerprint["top_k"])[0]
+        cache.write(i, queries=ex.queries, logits=ex.logits, boxes=ex.boxes, query_index=ex.query_index,
+                    encoder_tokens=ex.encoder_tokens, spatial_shapes=ex.spatial_shapes,
+                    valid_ratios=ex.valid_ratios, c1=ex.c1)
+    return skipped
+
+
+def run_extract(opts: ExtractOptions) -> dict:
+    """Extract every selected image into ``opts.out`` (creating or resuming the store).
+
+    Returns a summary dict: ``images``, ``done``, ``skipped``, ``seconds``, ``mb_per_image``.
+
+    Raises:
+        data.DataError: bad dataset or image (unless ``skip_bad_images``; images already
+            written stay done and a re-run resumes after the fix).
+        CacheError: an existing store at ``out`` was written with other settings.
+        CheckpointError / ValueError: weights missing or of another model.
+    """
+    ann_file, image_dir = data.resolve_dataset(opts.coco_root, opts.split, opts.ann_file, opts.image_dir)
+    coco = data.load_coco(ann_file)
+    image_ids = data.select_image_ids(coco, opts.image_ids, opts.max_images)
+    if not 1 <= opts.top_k:
+        raise ValueError(f"--top-k must be >= 1, got {opts.top_k}")
+    detector, sha = build_frozen_detector(opts)
+    if opts.top_k > detector.num_queries:
+        raise ValueError(f"--top-k {opts.top_k} exceeds the detector's {detector.num_queries} queries")
+    bad = [k for k in opts.encoder_layers if not 1 <= k <= detector.num_encoder_layers]
+    if bad:
+        raise ValueError(f"--encoder-layers {bad} out of range 1..{detector.num_encoder_layers}")
+    fingerprint = make_fingerprint(opts, detector, sha, ann_file)
+    layouts = _layouts(coco, image_ids, detector, opts.min_size, opts.max_size)
+    cache = FeatureCache.create_or_resume(
+        opts.out, fingerprint, layouts, top_k=opts.top_k, hidden_dim=detector.hidden_dim,
+        num_classes=detector.num_classes, c1_channels=detector.c1_channels, overwrite=opts.overwrite)
+    status = cache.status()
+    todo = [int(i) for i in range(len(cache)) if status[i] == PENDING]
+    log.info("%s: %d images, %d already done, %d skipped, %d to extract", opts.out, len(cache),
+             int((status == DONE).sum()), int((status == SKIPPED).sum()), len(todo))
+    start = time.time()
+    if opts.workers <= 1 or len(todo) <= 1:
+        skipped = _extract_indices(opts, todo, detector)
+    else:
+        import dask
+
+        del detector
+        n = opts.workers
+        size = -(-len(todo) // n)
+        blocks = [todo[j : j + size] for j in range(0, len(todo), size)]
+        tasks = [dask.delayed(_extract_indices)(opts, b, None, w) for w, b in enumerate(blocks)]
+        results = dask.compute(*tasks, scheduler="processes", num_workers=n)
+        skipped = [s for r in results for s in r]
+    for i, reason in skipped:
+        cache.mark_skipped(i, reason)
+    seconds = time.time() - start
+    status = cache.status()
+    n_done = int((status == DONE).sum())
+    summary = {
+        "images": len(cache), "done": n_done, "skipped": int((status == SKIPPED).sum()),
+        "extracted_now": len(todo) - len(skipped), "seconds": round(seconds, 2),
+        "seconds_per_image": round(seconds / max(1, len(todo) - len(skipped)), 3),
+        "mb_per_image": round(cache.disk_bytes() / 1e6 / max(1, n_done), 3),
+        "random_init": fingerprint["random_init"],
+    }
+    return summary

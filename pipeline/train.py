@@ -1,0 +1,303 @@
+"""Stage two: train the mask head from the feature cache only (paper Sec. 3.1 recipe).
+
+One loop, top to bottom: cached batch -> image features (per image) -> Hungarian matching of
+the cached predictions to the ground truth -> head on the matched queries/boxes -> point-sampled
+BCE + dice + mask-IoU loss -> AdamW step. Checkpoints hold head, optimizer, scheduler, step and
+RNG states plus the resolved config, so ``--resume`` continues a killed run to the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .batches import CachedImages, EpochSampler, annotation_file, category_maps, collate_list, to_xyxy_pixels
+from .cache import CacheError, FeatureCache
+from .config import Config, config_from_dict, save_config
+from .head import HeadConfig, build_head, mask_targets_in_boxes
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+def git_sha() -> str:
+    """Commit of the code that runs (``unknown`` outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> cuda if available else cpu; otherwise ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def image_features(head, items: list[dict], device, dtype=torch.float32) -> list[torch.Tensor]:
+    """Run the head's image-feature part on each cached image: ``[256, H1, W1]`` per image."""
+    feats = []
+    for it in items:
+        feats.append(head.encode_image(it["tokens"].to(device, dtype), it["spatial_shapes"].to(device),
+                                       it["level_start_index"].to(device), it["c1"].to(device, dtype)))
+    return feats
+
+
+def match_image(matcher, item: dict, column_of: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hungarian matching of one image's cached predictions to its non-crowd ground truth.
+
+    Returns ``(query_idx [g], gt_idx [g])`` int64 (g = min(K, G)).
+    """
+    gt = item["gt"]
+    labels = torch.as_tensor([column_of[int(c)] for c in gt["category_ids"].tolist()], dtype=torch.int64)
+    return matcher.match(item["logits"].float(), item["boxes"].float(), labels, gt["boxes_cxcywh"])
+
+
+def training_targets(items: list[dict], matcher, maps: dict, boxes_mode: str, mask_size: int):
+    """Queries, boxes and mask targets of the matched (query, object) pairs of a batch.
+
+    Returns a dict: ``queries [M, D]``, ``boxes [M, 4]`` cxcywh normalized (predicted boxes in
+    ``pred`` mode, ground-truth boxes in ``gt`` mode), ``batch_index [M]``, ``masks [M, T, T]``
+    float targets in the box frame (T = ``mask_size``), ``labels [M]`` contiguous class index.
+    """
+    queries, boxes, bidx, masks, labels = [], [], [], [], []
+    for b, it in enumerate(items):
+        gt = it["gt"]
+        if gt["category_ids"].numel() == 0:
+            continue
+        q_idx, g_idx = match_image(matcher, it, maps["column_of"])
+        sel = it["boxes"].float()[q_idx] if boxes_mode == "pred" else gt["boxes_cxcywh"][g_idx]
+        h, w = it["orig_size"]
+        queries.append(it["queries"].float()[q_idx])
+        boxes.append(sel)
+        bidx.append(torch.full((len(q_idx),), b, dtype=torch.int64))
+        masks.append(mask_targets_in_boxes(gt["masks"][g_idx], to_xyxy_pixels(sel, h, w), mask_size))
+        labels.append(torch.as_tensor([maps["contiguous_of"][int(c)] for c in gt["category_ids"][g_idx].tolist()],
+                                      dtype=torch.int64))
+    if not queries:
+        return None
+    return {"queries": torch.cat(queries), "boxes": torch.cat(boxes), "batch_index": torch.cat(bidx),
+            "masks": torch.cat(masks), "labels": torch.cat(labels)}
+
+
+def image_sizes_of(items: list[dict]) -> torch.Tensor:
+    """``[B, 2]`` float (h, w) of the resized images the detector saw."""
+    return torch.tensor([it["size"] for it in items], dtype=torch.float32)
+
+
+def _rng_state(sample_gen: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "sample": sample_gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, sample_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    sample_gen.set_state(state["sample"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, **payload) -> None:
+    """``torch.save`` to a temp file then ``os.replace``: a crash never leaves half a checkpoint."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read one of our checkpoints (``weights_only=True``: plain data and tensors only).
+
+    Raises:
+        ValueError: the file is missing or is not a Mask Frozen-DETR head checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"{path}: cannot be read as a head checkpoint: {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "mask-frozen-detr-head":
+        raise ValueError(f"{path}: not a Mask Frozen-DETR head checkpoint (no kind='mask-frozen-detr-head')")
+    return ckpt
+
+
+def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: str | Path | None = None,
+          resume: bool = False, device: str = "auto", ann_file: str | Path | None = None,
+          val_ann_file: str | Path | None = None, progress: bool = True) -> dict:
+    """Train the head on a cache; write ``<out>/head.pt``, ``metrics.jsonl``, ``config.yaml``.
+
+    Args:
+        cfg: resolved experiment config.
+        cache_path: training cache (``cli.py extract`` output).
+        out: run directory (created).
+        val_cache: optional validation cache, evaluated at the end (and per epoch if asked);
+            must come from the same detector, checkpoint, preprocessing and encoder layers.
+        resume: continue from ``<out>/checkpoint.pt`` (the config must be the same).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
+        ann_file / val_ann_file: annotation files if they moved since extraction.
+
+    Returns:
+        ``{"step": int, "head": path, "eval": metrics or None}``.
+
+    Raises:
+        CacheError: unusable/stale cache; ConfigError: bad config; ValueError: bad resume.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tc = cfg.train
+    if tc.boxes not in ("pred", "gt"):
+        raise ValueError(f"train.boxes must be 'pred' or 'gt', got {tc.boxes!r}")
+    dev = resolve_device(device)
+    torch.manual_seed(tc.seed)
+    random.seed(tc.seed)
+    if tc.deterministic and dev.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    cache = FeatureCache.open(cache_path)
+    if tc.encoder_layer not in cache.encoder_layers:
+        raise CacheError(f"{cache_path}: train.encoder_layer={tc.encoder_layer} is not stored "
+                         f"(cache has encoder layers {cache.encoder_layers}; re-extract with --encoder-layers)")
+    if val_cache is not None:
+        FeatureCache.open(val_cache, expected=cache.fingerprint)  # refuse a stale/foreign val cache early
+    ann = annotation_file(cache.fingerprint, ann_file)
+    from . import data
+
+    coco = data.load_coco(ann)
+    maps = category_maps(cache.fingerprint, coco)
+    head_cfg = HeadConfig.from_dict(cfg.head)
+    if getattr(head_cfg, "mask_scoring", False) and head_cfg.num_score_classes < maps["num_categories"]:
+        raise ValueError(f"head.num_score_classes={head_cfg.num_score_classes} < {maps['num_categories']} "
+                         "dataset categories")
+    head, criterion, _ = build_head(head_cfg)
+    head.to(dev)
+    matcher = criterion.matcher if hasattr(criterion, "matcher") else None
+    if matcher is None:
+        from .head import HungarianMatcher
+
+        matcher = HungarianMatcher()
+
+    done = cache.done_indices()
+    indices = [i for i in done if len(coco.getAnnIds(imgIds=int(cache.image_ids[i]), iscrowd=False)) > 0]
+    if not indices:
+        raise CacheError(f"{cache_path}: no completely extracted image with non-crowd annotations to train on")
+    iters_per_epoch = math.ceil(len(indices) / tc.batch_size)
+    total = tc.max_iters if tc.max_iters is not None else tc.epochs * iters_per_epoch
+    params = [p for p in head.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    milestones = sorted({max(1, int(round(f * total))) for f in tc.lr_drops})
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=tc.lr_drop_factor)
+    sample_gen = torch.Generator().manual_seed(tc.seed + 1)
+    step = 0
+    ckpt_path = out / "checkpoint.pt"
+    if resume:
+        if not ckpt_path.is_file():
+            raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["config"] != cfg.to_dict() and json.dumps(ckpt["config"], sort_keys=True, default=list) != json.dumps(
+                cfg.to_dict(), sort_keys=True, default=list):
+            raise ValueError(f"--resume: {ckpt_path} was written with another config; use the same config "
+                             "and overrides, or a new --out")
+        head.load_state_dict(ckpt["head"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"], sample_gen)
+        step = int(ckpt["step"])
+        log.info("resumed %s at step %d/%d", ckpt_path, step, total)
+    save_config(cfg, out / "config.yaml")
+    log.info("git %s; %d training images, %d iterations (%d per epoch), device %s", git_sha(), len(indices),
+             total, iters_per_epoch, dev)
+
+    dataset = CachedImages(cache_path, indices, tc.encoder_layer, ann, with_gt=True)
+    metrics_file = open(out / "metrics.jsonl", "a")
+    autocast = tc.amp and dev.type == "cuda"
+    meta = {"kind": "mask-frozen-detr-head", "version": CHECKPOINT_VERSION, "config": cfg.to_dict(),
+            "fingerprint": cache.fingerprint, "git": git_sha(), "total_iters": total}
+
+    def checkpoint_payload():
+        return dict(meta, head=head.state_dict(), optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(), step=step, rng=_rng_state(sample_gen))
+
+    bar = tqdm(total=total, initial=step, desc="train-head", unit="it", disable=not progress, dynamic_ncols=True)
+    t0 = time.time()
+    head.train()
+    while step < total:
+        epoch, offset = divmod(step, iters_per_epoch)
+        sampler = EpochSampler(len(indices), tc.seed, epoch, start=offset * tc.batch_size)
+        loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate_list,
+                            num_workers=tc.num_workers,
+                            multiprocessing_context="spawn" if tc.num_workers > 0 else None,
+                            persistent_workers=False)
+        for items in loader:
+            targets = training_targets(items, matcher, maps, tc.boxes, criterion.mask_target_size)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+                feats = image_features(head, items, dev)
+                if targets is None:
+                    loss = sum(f.sum() for f in feats) * 0.0
+                    losses = {"loss": loss}
+                else:
+                    outputs = head(feats, targets["queries"].to(dev), targets["boxes"].to(dev),
+                                   image_sizes_of(items).to(dev), targets["batch_index"].to(dev))
+                    losses = criterion(outputs, {"masks": targets["masks"].to(dev),
+                                                 "labels": targets["labels"].to(dev)}, generator=sample_gen)
+                    loss = losses["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, tc.clip_grad_norm)
+                         if tc.clip_grad_norm > 0 else torch.tensor(0.0))
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+            if step % tc.log_every == 0 or step == total:
+                rec = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                       "grad_norm": float(grad_norm), "time": round(time.time() - t0, 2),
+                       **{k: float(v) for k, v in losses.items()}}
+                metrics_file.write(json.dumps(rec) + "\n")
+                metrics_file.flush()
+            if step % tc.checkpoint_every == 0 or step == total:
+                save_checkpoint(ckpt_path, **checkpoint_payload())
+            if step >= total:
+                break
+        if tc.eval_every_epoch and val_cache is not None and step < total:
+            _evaluate_into(head, cfg, val_cache, out / f"eval_epoch{epoch + 1}", dev, tc.boxes, val_ann_file,
+                           metrics_file, step)
+            head.train()
+    bar.close()
+    payload = checkpoint_payload()
+    save_checkpoint(out / "head.pt", **payload)
+    result = {"step": step, "head": str(out / "head.pt"), "eval": None}
+    if val_cache is not None:
+        result["eval"] = _evaluate_into(head, cfg, val_cache, out / "eval", dev, tc.boxes, val_ann_file,
+                                        metrics_file, step)
+    metrics_file.close()
+    return result
+
+
+def _evaluate_into(head, cfg, val_cache, out_dir, dev, boxes_mode, ann_file, metrics_file, step):
+    from .inference import evaluate_cache
+
+    metrics = evaluate_cache(head, cfg, val_cache, out_dir, device=dev, boxes=boxes_mode, ann_file=ann_file)
+    metrics_file.write(json.dumps({"step": step, "eval": {k: {m: v for m, v in d.items() if m != "per_category"}
+                                                           for k, d in metrics.items() if isinstance(d, dict)}})
+                       + "\n")
+    metrics_file.flush()
+    return metrics
