@@ -17,6 +17,7 @@ from torchvision.ops import box_convert
 
 from . import data
 from .cache import CacheError, FeatureCache
+from .utils import file_sha256
 
 
 def category_maps(fingerprint: dict, coco) -> dict:
@@ -55,12 +56,10 @@ def annotation_file(fingerprint: dict, override: str | Path | None = None) -> Pa
     Raises:
         CacheError: the file is missing or its content differs from extraction time.
     """
-    from .extract import sha256_of
-
     path = Path(override) if override is not None else Path(fingerprint["ann_file"])
     if not path.is_file():
         raise CacheError(f"annotation file {path} (recorded in the cache) not found; pass --ann-file")
-    if sha256_of(path) != fingerprint["ann_sha256"]:
+    if file_sha256(path) != fingerprint["ann_sha256"]:
         raise CacheError(f"annotation file {path} differs from the one the cache was extracted from "
                          f"(sha256 {fingerprint['ann_sha256'][:12]}...)")
     return path

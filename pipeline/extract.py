@@ -8,7 +8,6 @@ skipped and a partially written image is rewritten.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import warnings
@@ -21,6 +20,7 @@ from tqdm import tqdm
 from . import data
 from .cache import DONE, PENDING, SKIPPED, FeatureCache, ImageLayout
 from .detectors import build_detector
+from .utils import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +67,6 @@ class ExtractOptions:
     workers: int = 1
 
 
-def sha256_of(path: Path) -> str:
-    """SHA-256 hex digest of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def build_frozen_detector(opts: ExtractOptions):
     """Build the detector, load weights (or seed a random init), freeze it.
 
@@ -94,7 +85,7 @@ def build_frozen_detector(opts: ExtractOptions):
     if opts.weights is not None:
         report = detector.load_checkpoint(str(opts.weights), strict=True)
         log.info("loaded %s: %s", opts.weights, report.format().splitlines()[-1])
-        sha = sha256_of(Path(opts.weights))
+        sha = file_sha256(Path(opts.weights))
     else:
         warnings.warn(RANDOM_INIT_BANNER, stacklevel=2)
         sha = f"random-init:seed={opts.seed}"
@@ -119,7 +110,7 @@ def make_fingerprint(opts: ExtractOptions, detector, checkpoint_sha: str, ann_fi
         "dtype": opts.dtype,
         "class_to_category_id": {str(k): int(v) for k, v in detector.class_to_category_id().items()},
         "ann_file": str(Path(ann_file).resolve()),
-        "ann_sha256": sha256_of(Path(ann_file)),
+        "ann_sha256": file_sha256(Path(ann_file)),
     }
 
 

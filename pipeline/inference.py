@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from . import data
-from .batches import CachedImages, annotation_file, category_maps, ground_truth, to_xyxy_pixels
+from .batches import CachedImages, annotation_file, category_maps, to_xyxy_pixels
 from .cache import FeatureCache
 from .config import Config
 from .evaluate import evaluate_coco, instances_to_coco_json, paste_masks
@@ -25,54 +25,79 @@ log = logging.getLogger(__name__)
 RANDOM_INIT_BANNER = "RANDOM-INIT DETECTOR: these numbers are meaningless (no official weights were used)"
 
 
+def _image_features(head, items, device):
+    return [head.encode_image(it["tokens"].to(device, torch.float32), it["spatial_shapes"].to(device),
+                              it["level_start_index"].to(device), it["c1"].to(device, torch.float32))
+            for it in items]
+
+
 @torch.no_grad()
-def predict_image(head, postprocess, item: dict, maps: dict, cfg: Config, device, boxes: str = "pred",
+def predict_batch(head, postprocess, items: list[dict], maps: dict, cfg: Config, device, boxes: str = "pred",
                   matcher=None) -> list[dict]:
-    """COCO result dicts (segmentation RLE, bbox xywh, score, category_id) for one cached image.
+    """COCO result dicts (segmentation RLE, bbox xywh, score, category_id) for cached images.
+
+    The head runs once over all boxes of the batch (flattened with a batch index); every box
+    only sees its own image, so results do not depend on how images are batched.
 
     ``boxes="pred"``: every cached query with its predicted box, ranked by
-    ``sigmoid(class logit) x predicted mask IoU`` (Eq. 13), top ``cfg.evaluate.top_n``.
+    ``sigmoid(class logit) x predicted mask IoU`` (Eq. 13), top ``cfg.evaluate.top_n`` per image.
     ``boxes="gt"``: one prediction per non-crowd ground-truth object, using the query matched to
     it, its GT box and GT category; score = predicted mask IoU of that category (1 without
-    mask scoring). Requires ``item["gt"]``.
+    mask scoring). Requires ``item["gt"]`` and ``matcher``.
+
+    Raises:
+        ValueError: unknown ``boxes`` mode.
     """
-    feats = [head.encode_image(item["tokens"].to(device, torch.float32), item["spatial_shapes"].to(device),
-                               item["level_start_index"].to(device), item["c1"].to(device, torch.float32))]
-    h, w = item["orig_size"]
-    sizes = torch.tensor([item["size"]], dtype=torch.float32, device=device)
-    if boxes == "pred":
-        q = item["queries"].float()
-        b = item["boxes"].float()
-        out = head(feats, q.to(device), b.to(device), sizes, torch.zeros(len(q), dtype=torch.int64, device=device))
-        det = postprocess(item["logits"].float().to(device), b.to(device), out["mask_logits"], out.get("iou_pred"),
-                          maps["column_to_contiguous"].to(device), top_n=cfg.evaluate.top_n)
-        cat_ids = det["labels"].cpu()
-        col_to_cat = {col: cat for cat, col in maps["column_of"].items()}
-        cat_ids = torch.as_tensor([col_to_cat[int(c)] for c in cat_ids.tolist()], dtype=torch.int64)
-        scores, sel_boxes, probs = det["scores"].cpu(), det["boxes"].cpu(), det["mask_probs"].cpu()
-    elif boxes == "gt":
-        gt = item["gt"]
-        if gt["category_ids"].numel() == 0:
-            return []
-        labels = torch.as_tensor([maps["column_of"][int(c)] for c in gt["category_ids"].tolist()])
-        q_idx, g_idx = matcher.match(item["logits"].float(), item["boxes"].float(), labels, gt["boxes_cxcywh"])
-        order = torch.argsort(g_idx)
-        q_idx, g_idx = q_idx[order], g_idx[order]
-        sel_boxes = gt["boxes_cxcywh"][g_idx]
-        out = head(feats, item["queries"].float()[q_idx].to(device), sel_boxes.to(device), sizes,
-                   torch.zeros(len(q_idx), dtype=torch.int64, device=device))
-        cat_ids = gt["category_ids"][g_idx]
-        probs = out["mask_logits"].sigmoid().cpu()
-        if out.get("iou_pred") is not None:
-            contig = torch.as_tensor([maps["contiguous_of"][int(c)] for c in cat_ids.tolist()])
-            scores = out["iou_pred"].cpu().gather(1, contig[:, None])[:, 0].clamp(0, 1)
-        else:
-            scores = torch.ones(len(g_idx))
-    else:
+    if boxes not in ("pred", "gt"):
         raise ValueError(f"boxes must be 'pred' or 'gt', got {boxes!r}")
-    xyxy = to_xyxy_pixels(sel_boxes, h, w)
-    masks = paste_masks(probs, xyxy, h, w, threshold=cfg.evaluate.mask_threshold)
-    return instances_to_coco_json(item["image_id"], scores, cat_ids, xyxy, masks)
+    feats = _image_features(head, items, device)
+    sizes = torch.tensor([it["size"] for it in items], dtype=torch.float32, device=device)
+    queries, sel_boxes, bidx, chosen = [], [], [], []
+    for b, it in enumerate(items):
+        if boxes == "pred":
+            q_idx = torch.arange(len(it["queries"]))
+            bx = it["boxes"].float()
+            g_idx = None
+        else:
+            gt = it["gt"]
+            labels = torch.as_tensor([maps["column_of"][int(c)] for c in gt["category_ids"].tolist()],
+                                     dtype=torch.int64)
+            q_idx, g_idx = matcher.match(it["logits"].float(), it["boxes"].float(), labels, gt["boxes_cxcywh"])
+            order = torch.argsort(g_idx)
+            q_idx, g_idx = q_idx[order], g_idx[order]
+            bx = gt["boxes_cxcywh"][g_idx]
+        queries.append(it["queries"].float()[q_idx])
+        sel_boxes.append(bx)
+        bidx.append(torch.full((len(q_idx),), b, dtype=torch.int64))
+        chosen.append(g_idx)
+    out = head(feats, torch.cat(queries).to(device), torch.cat(sel_boxes).to(device), sizes,
+               torch.cat(bidx).to(device))
+    counts = [len(q) for q in queries]
+    mask_logits = out["mask_logits"].split(counts)
+    iou_pred = out["iou_pred"].split(counts) if out.get("iou_pred") is not None else [None] * len(items)
+    col_to_cat = {col: cat for cat, col in maps["column_of"].items()}
+    results = []
+    for b, it in enumerate(items):
+        h, w = it["orig_size"]
+        if boxes == "pred":
+            det = postprocess(it["logits"].float().to(device), sel_boxes[b].to(device), mask_logits[b], iou_pred[b],
+                              maps["column_to_contiguous"].to(device), top_n=cfg.evaluate.top_n)
+            cat_ids = torch.as_tensor([col_to_cat[int(c)] for c in det["labels"].tolist()], dtype=torch.int64)
+            scores, bx, probs = det["scores"].cpu(), det["boxes"].cpu(), det["mask_probs"].cpu()
+        else:
+            if chosen[b].numel() == 0:
+                continue
+            cat_ids = it["gt"]["category_ids"][chosen[b]]
+            bx, probs = sel_boxes[b], mask_logits[b].sigmoid().cpu()
+            if iou_pred[b] is not None:
+                contig = torch.as_tensor([maps["contiguous_of"][int(c)] for c in cat_ids.tolist()], dtype=torch.int64)
+                scores = iou_pred[b].cpu().gather(1, contig[:, None])[:, 0].clamp(0, 1)
+            else:
+                scores = torch.ones(len(cat_ids))
+        xyxy = to_xyxy_pixels(bx, h, w)
+        masks = paste_masks(probs, xyxy, h, w, threshold=cfg.evaluate.mask_threshold)
+        results += instances_to_coco_json(it["image_id"], scores, cat_ids, xyxy, masks)
+    return results
 
 
 def evaluate_cache(head, cfg: Config, cache_path, out_dir, *, device="cpu", boxes: str = "pred",
@@ -105,8 +130,11 @@ def evaluate_cache(head, cfg: Config, cache_path, out_dir, *, device="cpu", boxe
     dataset = CachedImages(cache_path, indices, layer, ann, with_gt=(boxes == "gt"))
     head.eval()
     results = []
-    for n in tqdm(range(len(dataset)), desc="evaluate", unit="img", disable=not progress, dynamic_ncols=True):
-        results += predict_image(head, postprocess, dataset[n], maps, cfg, device, boxes, matcher)
+    bs = max(1, int(cfg.evaluate.batch_size))
+    for start in tqdm(range(0, len(dataset), bs), desc="evaluate", unit="batch", disable=not progress,
+                      dynamic_ncols=True):
+        items = [dataset[n] for n in range(start, min(start + bs, len(dataset)))]
+        results += predict_batch(head, postprocess, items, maps, cfg, device, boxes, matcher)
     banner = RANDOM_INIT_BANNER if cache.fingerprint.get("random_init") else None
     if cache.skipped:
         log.warning("%d images were skipped at extraction and are not evaluated: %s", len(cache.skipped),

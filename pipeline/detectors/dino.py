@@ -1,0 +1,496 @@
+"""DINO deformable transformer (Zhang et al., "DINO: DETR with Improved DeNoising Anchor Boxes"), eval path.
+
+Re-implementation of ``models/dino/deformable_transformer.py``, ``models/dino/utils.py`` and
+``models/dino/position_encoding.py`` of FocalNet/FocalNet-DINO
+(commit 23901e021dc6ec8f66bad47983f45a25574452cc) for the configuration of
+``config/DINO/DINO_5scale_focalnet_large_fl4.py``: deformable encoder (post-norm, no final
+norm), two-stage ``'standard'`` mixed query selection with learnt content queries
+(``embed_init_tgt=True``), deformable decoder ``['sa', 'ca', 'ffn']`` with iterative box
+refinement ("look forward twice" is a training-time gradient path; at eval it is the plain
+iterative update) and a final decoder LayerNorm.  Denoising queries (``dn_number``) only exist
+in training and are not implemented.
+
+Parameter names equal the official ones (``transformer.level_embed``, ``transformer.encoder.layers.*``,
+``transformer.decoder.{layers,norm,ref_point_head,bbox_embed,class_embed}``, ``transformer.tgt_embed``,
+``transformer.enc_output[_norm]``, ``transformer.enc_out_{class,bbox}_embed``).
+
+Dtypes: as in the official code, geometric helper tensors (sine position embeddings, valid
+ratios, encoder reference points, two-stage proposals, the sine-embedding frequencies) are
+computed in float32 and then cast to the model dtype.  The cast is exact, so a ``.double()``
+model reproduces the official float64 run.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.layers.deformable import (
+    DeformableEncoderLayer,
+    MSDeformAttn,
+    encoder_reference_points,
+    level_start_index_of,
+    valid_ratios_from_mask,
+)
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
+    """Clamped logit ``log(x / (1 - x))`` with both terms clamped at ``eps`` (official ``util.misc.inverse_sigmoid``).
+
+    ``x``: any shape, values expected in ``[0, 1]`` (clamped first). Same shape/dtype out.
+    """
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def _interleave_sin_cos(x: Tensor) -> Tensor:
+    """``[..., F]`` -> ``[..., F]`` with ``sin`` of even and ``cos`` of odd features, interleaved."""
+    return torch.stack((x[..., 0::2].sin(), x[..., 1::2].cos()), dim=-1).flatten(-2)
+
+
+def sine_position_embedding(mask: Tensor, num_pos_feats: int = 128, temperature_h: float = 20.0,
+                            temperature_w: float = 20.0, normalize: bool = True,
+                            scale: float = 2 * math.pi) -> Tensor:
+    """Normalised 2-D sine position embedding of a padded map (official ``PositionEmbeddingSineHW``).
+
+    Args:
+        mask: ``[B, H, W]`` bool, True on padding.
+        num_pos_feats: features per axis (``hidden_dim // 2``).
+        temperature_h, temperature_w: frequency bases (20 in the DINO-FocalNet config).
+        normalize: divide the cumulative row/column counts by the valid extent (+1e-6), times ``scale``.
+        scale: ``2 * pi``.
+
+    Returns:
+        ``[B, 2 * num_pos_feats, H, W]`` float32, channels ``(y features, x features)``.
+    """
+    not_mask = ~mask
+    y_embed = not_mask.cumsum(1, dtype=torch.float32)
+    x_embed = not_mask.cumsum(2, dtype=torch.float32)
+    if normalize:
+        eps = 1e-6
+        y_embed = y_embed / (y_embed[:, -1:, :] + eps) * scale
+        x_embed = x_embed / (x_embed[:, :, -1:] + eps) * scale
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=mask.device)
+    exponent = 2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats
+    pos_x = _interleave_sin_cos(x_embed[:, :, :, None] / temperature_w ** exponent)
+    pos_y = _interleave_sin_cos(y_embed[:, :, :, None] / temperature_h ** exponent)
+    return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+
+
+class PositionEmbeddingSineHW(nn.Module):
+    """Module form of :func:`sine_position_embedding` (no parameters; ``backbone.1`` of DINO)."""
+
+    def __init__(self, num_pos_feats: int = 128, temperature_h: float = 20.0, temperature_w: float = 20.0,
+                 normalize: bool = True, scale: float | None = None):
+        super().__init__()
+        if scale is not None and not normalize:
+            raise ValueError("normalize should be True if scale is passed")
+        self.num_pos_feats = num_pos_feats
+        self.temperature_h = temperature_h
+        self.temperature_w = temperature_w
+        self.normalize = normalize
+        self.scale = 2 * math.pi if scale is None else scale
+
+    def forward(self, mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``mask [B, H, W]`` bool -> ``[B, 2 * num_pos_feats, H, W]`` computed in float32, cast to ``dtype``."""
+        return sine_position_embedding(mask, self.num_pos_feats, self.temperature_h, self.temperature_w,
+                                       self.normalize, self.scale).to(dtype)
+
+
+def query_sine_embedding(boxes: Tensor, num_feats: int = 128, temperature: float = 10000.0) -> Tensor:
+    """Sine embedding of reference boxes or points (official ``gen_sineembed_for_position``).
+
+    Args:
+        boxes: ``[..., 4]`` ``(cx, cy, w, h)`` or ``[..., 2]`` ``(x, y)``, normalized to ``[0, 1]``.
+        num_feats: features per coordinate (the official code hard-codes 128 = ``d_model // 2``).
+        temperature: frequency base (10000).
+
+    Returns:
+        ``[..., 4 * num_feats]`` (order y, x, w, h) or ``[..., 2 * num_feats]`` (y, x), dtype of ``boxes``.
+
+    Raises:
+        ValueError: if the last dimension is not 2 or 4.
+    """
+    if boxes.shape[-1] not in (2, 4):
+        raise ValueError(f"boxes last dim must be 2 or 4, got {tuple(boxes.shape)}")
+    scale = 2 * math.pi
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=boxes.device)
+    dim_t = (temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)).to(boxes.dtype)
+    parts = [_interleave_sin_cos((boxes[..., i] * scale)[..., None] / dim_t) for i in range(boxes.shape[-1])]
+    order = [1, 0] if boxes.shape[-1] == 2 else [1, 0, 2, 3]
+    return torch.cat([parts[i] for i in order], dim=-1)
+
+
+class MLP(nn.Module):
+    """ReLU multi-layer perceptron with keys ``layers.{i}`` (official ``models/dino/utils.MLP``).
+
+    Args:
+        input_dim, hidden_dim, output_dim: widths.
+        num_layers: number of Linear layers (ReLU between them, none after the last).
+    """
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        self.num_layers = num_layers
+        h = [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip([input_dim] + h, h + [output_dim]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[..., input_dim] -> [..., output_dim]``."""
+        for i, layer in enumerate(self.layers):
+            x = F.relu(layer(x)) if i < self.num_layers - 1 else layer(x)
+        return x
+
+
+def encoder_output_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: Tensor,
+                             base_wh: float = 0.05) -> tuple[Tensor, Tensor]:
+    """Two-stage proposals, one per encoder token (official ``gen_encoder_output_proposals``, no learnt wh).
+
+    Each token gets the box ``(cx, cy, w, h)`` with its cell center normalized by the **valid**
+    size of its level and ``w = h = base_wh * 2**level``, as an unsigmoided logit.  Tokens on
+    padding or whose box is not strictly inside ``(0.01, 0.99)`` get ``+inf`` proposals and a
+    zeroed memory.
+
+    Args:
+        memory: ``[B, S, D]`` encoder output.
+        padding_mask: ``[B, S]`` bool, True on padding.
+        spatial_shapes: ``[L, 2]`` int64 padded ``(H_l, W_l)``.
+        base_wh: box size at level 0 (normalized).
+
+    Returns:
+        ``(output_memory [B, S, D]`` dtype of memory, ``output_proposals [B, S, 4]`` logits,
+        computed in float32 as the official code and cast to memory's dtype).
+    """
+    n = memory.shape[0]
+    proposals = []
+    start = 0
+    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+        mask_l = padding_mask[:, start:start + h * w].view(n, h, w)
+        valid_h = (~mask_l[:, :, 0]).sum(1)
+        valid_w = (~mask_l[:, 0, :]).sum(1)
+        grid_y, grid_x = torch.meshgrid(
+            torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
+            torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
+            indexing="ij",
+        )
+        grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
+        scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(n, 1, 1, 2)
+        grid = (grid.unsqueeze(0).expand(n, -1, -1, -1) + 0.5) / scale
+        wh = torch.ones_like(grid) * base_wh * (2.0 ** lvl)
+        proposals.append(torch.cat((grid, wh), -1).view(n, -1, 4))
+        start += h * w
+    output_proposals = torch.cat(proposals, 1)
+    valid = ((output_proposals > 0.01) & (output_proposals < 0.99)).all(-1, keepdim=True)
+    output_proposals = torch.log(output_proposals / (1 - output_proposals))
+    output_proposals = output_proposals.masked_fill(padding_mask.unsqueeze(-1), float("inf"))
+    output_proposals = output_proposals.masked_fill(~valid, float("inf"))
+    output_memory = memory.masked_fill(padding_mask.unsqueeze(-1), 0.0).masked_fill(~valid, 0.0)
+    return output_memory, output_proposals.to(memory.dtype)
+
+
+class DeformableDecoderLayer(nn.Module):
+    """DINO decoder layer, order self-attention -> deformable cross-attention -> FFN, post-norm.
+
+    Official ``DeformableTransformerDecoderLayer`` with ``module_seq=['sa', 'ca', 'ffn']``,
+    ``decoder_sa_type='sa'``: keys ``cross_attn`` (MSDeformAttn) / ``norm1``, ``self_attn``
+    (``nn.MultiheadAttention``) / ``norm2``, ``linear1`` / ``linear2`` / ``norm3``.
+
+    Args:
+        d_model: channels D.
+        d_ffn: FFN width.
+        n_levels, n_heads, n_points: deformable attention sizes (heads shared with self-attention).
+        activation: FFN activation ``"relu"`` (DINO) or ``"gelu"``.
+        impl: deformable-attention kernel (see :mod:`kernels.ops`).
+    """
+
+    def __init__(self, d_model: int = 256, d_ffn: int = 1024, n_levels: int = 4, n_heads: int = 8,
+                 n_points: int = 4, activation: str = "relu", impl: str = "reference"):
+        super().__init__()
+        if activation not in ("relu", "gelu"):
+            raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, impl=impl)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=0.0)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.activation = nn.ReLU() if activation == "relu" else nn.GELU()
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
+                memory_padding_mask: Tensor | None, spatial_shapes: Tensor, level_start_index: Tensor,
+                self_attn_mask: Tensor | None = None) -> Tensor:
+        """One decoder layer.
+
+        Args:
+            tgt: ``[B, Q, D]`` content queries.
+            query_pos: ``[B, Q, D]`` positional queries (``ref_point_head`` of the box sine embedding).
+            reference_points: ``[B, Q, L, 4]`` reference boxes ``(cx, cy, w, h)`` in padded-map
+                normalized coordinates (valid-region boxes times the valid ratios).
+            memory: ``[B, S, D]`` encoder memory (values of the cross-attention).
+            memory_padding_mask: ``[B, S]`` bool, True on padding.
+            spatial_shapes: ``[L, 2]`` int64; level_start_index: ``[L]`` int64.
+            self_attn_mask: optional ``[Q, Q]`` mask of the self-attention (None at eval).
+
+        Returns:
+            ``[B, Q, D]``.
+        """
+        q = (tgt + query_pos).transpose(0, 1)
+        sa = self.self_attn(q, q, tgt.transpose(0, 1), attn_mask=self_attn_mask)[0].transpose(0, 1)
+        tgt = self.norm2(tgt + sa)
+        ca = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
+                             memory_padding_mask)
+        tgt = self.norm1(tgt + ca)
+        return self.norm3(tgt + self.linear2(self.activation(self.linear1(tgt))))
+
+
+class DINOEncoder(nn.Module):
+    """Stack of deformable encoder layers without a final norm (official ``TransformerEncoder``, deformable, 'standard').
+
+    Args:
+        num_layers: number of :class:`~pipeline.layers.deformable.DeformableEncoderLayer` (key ``layers.{i}``).
+        d_model, d_ffn, n_levels, n_heads, n_points, activation, impl: layer sizes.
+    """
+
+    def __init__(self, num_layers: int, d_model: int, d_ffn: int, n_levels: int, n_heads: int, n_points: int,
+                 activation: str = "relu", impl: str = "reference"):
+        super().__init__()
+        self.layers = nn.ModuleList([
+            DeformableEncoderLayer(d_model, d_ffn, n_levels, n_heads, n_points, activation=activation, impl=impl)
+            for _ in range(num_layers)])
+
+    def forward(self, src: Tensor, pos: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                valid_ratios: Tensor, padding_mask: Tensor) -> list[Tensor]:
+        """Run every layer.
+
+        Args:
+            src: ``[B, S, D]`` flattened input-projected features.
+            pos: ``[B, S, D]`` sine position embedding + level embedding.
+            spatial_shapes: ``[L, 2]`` int64; level_start_index: ``[L]`` int64.
+            valid_ratios: ``[B, L, 2]`` float32 ``(w, h)`` (official ``get_valid_ratio``).
+            padding_mask: ``[B, S]`` bool, True on padding.
+
+        Returns:
+            The output of every layer, ``num_layers`` tensors ``[B, S, D]``; the last is the memory.
+        """
+        ref = encoder_reference_points(spatial_shapes, valid_ratios).to(src.dtype)
+        outs = []
+        out = src
+        for layer in self.layers:
+            out = layer(out, pos, ref, spatial_shapes, level_start_index, padding_mask)
+            outs.append(out)
+        return outs
+
+
+class DINODecoder(nn.Module):
+    """DINO deformable decoder with iterative box refinement (official ``TransformerDecoder``).
+
+    Keys: ``layers.{i}``, ``norm`` (final LayerNorm applied to every layer's output for the
+    heads), ``ref_point_head`` (MLP ``2*D -> D -> D``), ``bbox_embed.{i}`` (MLP ``D -> D -> D -> 4``)
+    and ``class_embed.{i}`` (Linear ``D -> num_classes``).  With ``share_heads=True`` (DINO's
+    ``dec_pred_{class,bbox}_embed_share``) all layers hold the SAME head modules.
+
+    Args:
+        num_layers, d_model, d_ffn, n_levels, n_heads, n_points, activation, impl: layer sizes.
+        num_classes: logits per query.
+        share_class_head, share_bbox_head: one shared head for all layers (True in DINO).
+    """
+
+    def __init__(self, num_layers: int, d_model: int, d_ffn: int, n_levels: int, n_heads: int, n_points: int,
+                 num_classes: int, activation: str = "relu", impl: str = "reference",
+                 share_class_head: bool = True, share_bbox_head: bool = True):
+        super().__init__()
+        self.d_model = d_model
+        self.num_layers = num_layers
+        self.layers = nn.ModuleList([
+            DeformableDecoderLayer(d_model, d_ffn, n_levels, n_heads, n_points, activation=activation, impl=impl)
+            for _ in range(num_layers)])
+        self.norm = nn.LayerNorm(d_model)
+        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+        bbox = MLP(d_model, d_model, 4, 3)
+        cls = nn.Linear(d_model, num_classes)
+        # DINO init: prior-probability bias on the classifier, zero last box layer
+        nn.init.constant_(cls.bias, -math.log((1 - 0.01) / 0.01))
+        nn.init.zeros_(bbox.layers[-1].weight)
+        nn.init.zeros_(bbox.layers[-1].bias)
+        self.bbox_embed = nn.ModuleList(
+            [bbox if share_bbox_head else copy.deepcopy(bbox) for _ in range(num_layers)])
+        self.class_embed = nn.ModuleList(
+            [cls if share_class_head else copy.deepcopy(cls) for _ in range(num_layers)])
+
+    def forward(self, tgt: Tensor, memory: Tensor, memory_padding_mask: Tensor, refpoints_unsigmoid: Tensor,
+                spatial_shapes: Tensor, level_start_index: Tensor, valid_ratios: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Decode.
+
+        Args:
+            tgt: ``[B, Q, D]`` initial content queries.
+            memory: ``[B, S, D]``; memory_padding_mask: ``[B, S]`` bool (True = padding).
+            refpoints_unsigmoid: ``[B, Q, 4]`` initial boxes as logits (cxcywh, valid-region normalized).
+            spatial_shapes: ``[L, 2]`` int64; level_start_index: ``[L]`` int64.
+            valid_ratios: ``[B, L, 2]`` float32 ``(w, h)``.
+
+        Returns:
+            ``(hs, references)``: ``num_layers`` tensors ``[B, Q, D]`` (each layer output AFTER
+            ``norm``) and ``num_layers + 1`` boxes ``[B, Q, 4]`` (sigmoid cxcywh; ``[0]`` is the
+            initial box, ``[l+1] = sigmoid(bbox_embed[l](un-normed output_l) + inverse_sigmoid(ref_l))``).
+        """
+        output = tgt
+        reference_points = refpoints_unsigmoid.sigmoid()
+        references = [reference_points]
+        intermediate = []
+        ratios = torch.cat([valid_ratios, valid_ratios], -1).to(memory.dtype)  # [B, L, 4]
+        num_feats = self.d_model // 2
+        for layer_id, layer in enumerate(self.layers):
+            ref_input = reference_points[:, :, None] * ratios[:, None]  # [B, Q, L, 4]
+            query_pos = self.ref_point_head(query_sine_embedding(ref_input[:, :, 0, :], num_feats))
+            output = layer(output, query_pos, ref_input, memory, memory_padding_mask, spatial_shapes,
+                           level_start_index)
+            new_reference_points = (self.bbox_embed[layer_id](output) + inverse_sigmoid(reference_points)).sigmoid()
+            reference_points = new_reference_points.detach()
+            references.append(new_reference_points)
+            intermediate.append(self.norm(output))
+        return intermediate, references
+
+
+class DINOTransformer(nn.Module):
+    """DINO deformable transformer with two-stage mixed query selection (official ``DeformableTransformer``).
+
+    Keys: ``level_embed [L, D]``, ``encoder``, ``decoder``, ``tgt_embed [num_queries, D]``,
+    ``enc_output``, ``enc_output_norm``, ``enc_out_bbox_embed`` (MLP), ``enc_out_class_embed``
+    (Linear) (separate copies: ``two_stage_{class,bbox}_embed_share=False``).
+
+    Args:
+        d_model: hidden dim D (256).
+        nhead: attention heads.
+        num_queries: decoder queries (900 in DINO-FocalNet-L).
+        num_encoder_layers, num_decoder_layers: depths (6, 6).
+        dim_feedforward: FFN width (2048).
+        num_feature_levels: L (5).
+        enc_n_points, dec_n_points: deformable sampling points (4, 4).
+        num_classes: logits (91 for COCO).
+        activation: FFN activation ("relu").
+        impl: deformable-attention kernel.
+    """
+
+    def __init__(self, d_model: int = 256, nhead: int = 8, num_queries: int = 900, num_encoder_layers: int = 6,
+                 num_decoder_layers: int = 6, dim_feedforward: int = 2048, num_feature_levels: int = 5,
+                 enc_n_points: int = 4, dec_n_points: int = 4, num_classes: int = 91, activation: str = "relu",
+                 impl: str = "reference"):
+        super().__init__()
+        self.d_model = d_model
+        self.num_queries = num_queries
+        self.num_feature_levels = num_feature_levels
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        self.encoder = DINOEncoder(num_encoder_layers, d_model, dim_feedforward, num_feature_levels, nhead,
+                                   enc_n_points, activation, impl)
+        self.decoder = DINODecoder(num_decoder_layers, d_model, dim_feedforward, num_feature_levels, nhead,
+                                   dec_n_points, num_classes, activation, impl)
+        self.tgt_embed = nn.Embedding(num_queries, d_model)
+        self.enc_output = nn.Linear(d_model, d_model)
+        self.enc_output_norm = nn.LayerNorm(d_model)
+        self.reset_parameters()
+        self.enc_out_bbox_embed = copy.deepcopy(self.decoder.bbox_embed[0])
+        self.enc_out_class_embed = copy.deepcopy(self.decoder.class_embed[0])
+
+    def reset_parameters(self) -> None:
+        """Official ``_reset_parameters``: xavier-uniform for every >1-D weight, then the deformable
+        attention init, normal ``level_embed`` and ``tgt_embed``."""
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m.reset_parameters()
+        nn.init.normal_(self.level_embed)
+        nn.init.normal_(self.tgt_embed.weight)
+        for bbox in self.decoder.bbox_embed:
+            nn.init.zeros_(bbox.layers[-1].weight)
+            nn.init.zeros_(bbox.layers[-1].bias)
+
+    def forward(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor]) -> dict:
+        """Encoder, two-stage query selection and decoder.
+
+        Args:
+            srcs: L maps ``[B, D, H_l, W_l]`` (input-projected features).
+            masks: L masks ``[B, H_l, W_l]`` bool (True = padding).
+            pos_embeds: L sine embeddings ``[B, D, H_l, W_l]``.
+
+        Returns:
+            dict with
+            ``spatial_shapes [L, 2]`` int64, ``level_start_index [L]`` int64,
+            ``valid_ratios [B, L, 2]`` float32 ``(w, h)``, ``mask_flatten [B, S]`` bool,
+            ``encoder_input [B, S, D]``, ``encoder_pos [B, S, D]`` (pos + level embed),
+            ``encoder_layer_outputs`` (list of ``[B, S, D]``, one per layer), ``memory [B, S, D]``,
+            ``enc_output_memory [B, S, D]`` (``enc_output_norm(enc_output(masked memory))``),
+            ``output_proposals [B, S, 4]`` (logits, +inf where invalid),
+            ``enc_outputs_class_unselected [B, S, C]``, ``enc_outputs_bbox_delta_unselected [B, S, 4]``,
+            ``topk_indices [B, Q]`` int64 (``topk`` of the max class logit; may select padded tokens),
+            ``init_box_proposal [B, Q, 4]`` (sigmoid of the selected proposals),
+            ``hs_enc [B, Q, D]``, ``enc_outputs_class [B, Q, C]``, ``enc_outputs_coord [B, Q, 4]`` (sigmoid cxcywh),
+            ``hs [n_dec, B, Q, D]`` (after the final decoder norm), ``references [n_dec+1, B, Q, 4]``.
+
+        Raises:
+            ValueError: wrong number of levels, or fewer tokens than queries.
+        """
+        if not (len(srcs) == len(masks) == len(pos_embeds) == self.num_feature_levels):
+            raise ValueError(f"expected {self.num_feature_levels} levels, got {len(srcs)} srcs, "
+                             f"{len(masks)} masks, {len(pos_embeds)} pos embeddings")
+        src_flatten, mask_flatten, pos_flatten, shapes = [], [], [], []
+        for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
+            shapes.append(src.shape[-2:])
+            src_flatten.append(src.flatten(2).transpose(1, 2))
+            mask_flatten.append(mask.flatten(1))
+            pos_flatten.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
+        src_flatten = torch.cat(src_flatten, 1)
+        mask_flatten = torch.cat(mask_flatten, 1)
+        pos_flatten = torch.cat(pos_flatten, 1)
+        spatial_shapes = torch.as_tensor([tuple(s) for s in shapes], dtype=torch.long, device=src_flatten.device)
+        level_start_index = level_start_index_of(spatial_shapes)
+        valid_ratios = torch.stack([valid_ratios_from_mask(m) for m in masks], 1)
+        bs, num_tokens = mask_flatten.shape
+        if num_tokens < self.num_queries:
+            raise ValueError(f"{num_tokens} encoder tokens is fewer than num_queries={self.num_queries}; "
+                             "the input image is too small")
+
+        enc_outs = self.encoder(src_flatten, pos_flatten, spatial_shapes, level_start_index, valid_ratios,
+                                mask_flatten)
+        memory = enc_outs[-1]
+
+        output_memory, output_proposals = encoder_output_proposals(memory, mask_flatten, spatial_shapes)
+        output_memory = self.enc_output_norm(self.enc_output(output_memory))
+        class_unselected = self.enc_out_class_embed(output_memory)
+        delta_unselected = self.enc_out_bbox_embed(output_memory)
+        coord_unselected = delta_unselected + output_proposals  # logits
+        topk_indices = torch.topk(class_unselected.max(-1)[0], self.num_queries, dim=1)[1]
+        refpoint_unsig = torch.gather(coord_unselected, 1, topk_indices.unsqueeze(-1).expand(-1, -1, 4))
+        init_box_proposal = torch.gather(output_proposals, 1, topk_indices.unsqueeze(-1).expand(-1, -1, 4)).sigmoid()
+        hs_enc = torch.gather(output_memory, 1, topk_indices.unsqueeze(-1).expand(-1, -1, self.d_model))
+        tgt = self.tgt_embed.weight[None].expand(bs, -1, -1)
+
+        hs, references = self.decoder(tgt, memory, mask_flatten, refpoint_unsig.detach(), spatial_shapes,
+                                      level_start_index, valid_ratios)
+        return {
+            "spatial_shapes": spatial_shapes,
+            "level_start_index": level_start_index,
+            "valid_ratios": valid_ratios,
+            "mask_flatten": mask_flatten,
+            "encoder_input": src_flatten,
+            "encoder_pos": pos_flatten,
+            "encoder_layer_outputs": enc_outs,
+            "memory": memory,
+            "enc_output_memory": output_memory,
+            "output_proposals": output_proposals,
+            "enc_outputs_class_unselected": class_unselected,
+            "enc_outputs_bbox_delta_unselected": delta_unselected,
+            "topk_indices": topk_indices,
+            "init_box_proposal": init_box_proposal,
+            "hs_enc": hs_enc,
+            "enc_outputs_class": self.enc_out_class_embed(hs_enc),
+            "enc_outputs_coord": refpoint_unsig.sigmoid(),
+            "hs": torch.stack(hs),
+            "references": torch.stack(references),
+        }

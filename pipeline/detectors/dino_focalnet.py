@@ -1,0 +1,308 @@
+"""Frozen DINO + FocalNet-L detector (the stage-one detector of Mask Frozen-DETR).
+
+Re-implementation of the eval forward of ``models/dino/dino.py::DINO`` (+ ``backbone.py::Joiner``)
+of FocalNet/FocalNet-DINO (commit 23901e021dc6ec8f66bad47983f45a25574452cc), config
+``config/DINO/DINO_5scale_focalnet_large_fl4.py``: the model that the released
+``focalnet_large_fl4_o365_finetuned_on_coco.pth`` was saved from.  Its ``state_dict`` has the
+official 869 keys (``backbone.0.*`` = FocalNet, ``backbone.1`` = the weightless sine position
+embedding, ``input_proj.{0..4}``, ``transformer.*``, ``label_enc``, and the shared heads under both
+``class_embed.{i}`` / ``bbox_embed.{i}`` and ``transformer.decoder.class_embed.{i}`` /
+``transformer.decoder.bbox_embed.{i}``), so the release loads unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.detectors.base import Extracted, KeyReport, crop_tokens
+from pipeline.detectors.checkpoint import load_checkpoint as _load_checkpoint_file
+from pipeline.detectors.dino import DINOTransformer, PositionEmbeddingSineHW, inverse_sigmoid
+from pipeline.detectors.focalnet import FocalNet, focalnet_feature_shapes
+from pipeline.layers.deformable import level_start_index_of
+
+#: The 80 COCO category ids actually used (1..90 without 12, 26, 29, 30, 45, 66, 68, 69, 71, 83).
+COCO_CATEGORY_IDS: tuple[int, ...] = tuple(
+    i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
+
+
+def _mask_to(mask: Tensor, size: Sequence[int]) -> Tensor:
+    """Official mask resizing: ``F.interpolate(mask[None].float(), size).bool()[0]`` (nearest). ``[B, H, W]`` bool."""
+    return F.interpolate(mask[None].float(), size=tuple(int(s) for s in size)).to(torch.bool)[0]
+
+
+def _valid_hw(mask: Tensor) -> tuple[int, int]:
+    """Number of non-padded rows (along column 0) and columns (along row 0) of one ``[H, W]`` mask."""
+    return int((~mask[:, 0]).sum()), int((~mask[0, :]).sum())
+
+
+class DINOFocalNet(nn.Module):
+    """DINO (5-scale, two-stage mixed query selection, box refinement) on a FocalNet backbone, eval only.
+
+    Implements the :class:`~pipeline.detectors.base.Detector` protocol.  All sizes are
+    constructor arguments; the defaults are the official DINO-FocalNet-L fl4 5-scale model
+    (228,122,422 unique parameters).
+
+    Args:
+        hidden_dim: transformer width D (256).
+        nheads: attention heads (8).
+        dim_feedforward: transformer FFN width (2048).
+        enc_layers, dec_layers: encoder / decoder depths (6, 6).
+        num_queries: decoder queries (900).
+        num_classes: logits per query (91 = max COCO id + 1; column c is category id c).
+        num_feature_levels: encoder levels (5 = 4 backbone stages + one stride-2 3x3 conv level).
+        enc_n_points, dec_n_points: deformable attention points (4, 4).
+        dn_labelbook_size: rows - 1 of ``label_enc`` (91; the denoising label embedding is unused at eval
+            but kept so the checkpoint keys match).
+        pe_temperature_h, pe_temperature_w: sine position embedding temperatures (20, 20).
+        transformer_activation: FFN activation ("relu").
+        embed_dim, depths, mlp_ratio, focal_levels, focal_windows, use_conv_embed, use_postln,
+            use_postln_in_modulation, use_layerscale, normalize_modulator, patch_norm, out_indices:
+            FocalNet options (see :class:`~pipeline.detectors.focalnet.FocalNet`).
+        category_ids: the real dataset category ids among the logit columns (COCO's 80 by default).
+        impl: deformable-attention kernel (:mod:`kernels.ops`).
+
+    Raises:
+        ValueError: inconsistent sizes (fewer feature levels than backbone outputs, category ids
+            outside ``[0, num_classes)``).
+    """
+
+    name = "dino-focalnet"
+
+    def __init__(self, hidden_dim: int = 256, nheads: int = 8, dim_feedforward: int = 2048, enc_layers: int = 6,
+                 dec_layers: int = 6, num_queries: int = 900, num_classes: int = 91, num_feature_levels: int = 5,
+                 enc_n_points: int = 4, dec_n_points: int = 4, dn_labelbook_size: int = 91,
+                 pe_temperature_h: float = 20.0, pe_temperature_w: float = 20.0,
+                 transformer_activation: str = "relu",
+                 embed_dim: int = 192, depths: Sequence[int] = (2, 2, 18, 2), mlp_ratio: float = 4.0,
+                 focal_levels: int | Sequence[int] = 4, focal_windows: int | Sequence[int] = 3,
+                 use_conv_embed: bool = True, use_postln: bool = True, use_postln_in_modulation: bool = False,
+                 use_layerscale: bool = True, normalize_modulator: bool = True, patch_norm: bool = True,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 category_ids: Sequence[int] = COCO_CATEGORY_IDS, impl: str = "reference"):
+        super().__init__()
+        self._config = dict(
+            hidden_dim=hidden_dim, nheads=nheads, dim_feedforward=dim_feedforward, enc_layers=enc_layers,
+            dec_layers=dec_layers, num_queries=num_queries, num_classes=num_classes,
+            num_feature_levels=num_feature_levels, enc_n_points=enc_n_points, dec_n_points=dec_n_points,
+            dn_labelbook_size=dn_labelbook_size, pe_temperature_h=float(pe_temperature_h),
+            pe_temperature_w=float(pe_temperature_w), transformer_activation=transformer_activation,
+            embed_dim=embed_dim, depths=[int(d) for d in depths], mlp_ratio=float(mlp_ratio),
+            focal_levels=focal_levels if isinstance(focal_levels, int) else [int(v) for v in focal_levels],
+            focal_windows=focal_windows if isinstance(focal_windows, int) else [int(v) for v in focal_windows],
+            use_conv_embed=use_conv_embed, use_postln=use_postln, use_postln_in_modulation=use_postln_in_modulation,
+            use_layerscale=use_layerscale, normalize_modulator=normalize_modulator, patch_norm=patch_norm,
+            out_indices=[int(i) for i in out_indices], category_ids=[int(c) for c in category_ids], impl=impl)
+        bad = [c for c in category_ids if not 0 <= int(c) < num_classes]
+        if bad:
+            raise ValueError(f"category ids {bad} are outside the {num_classes} logit columns")
+        if num_feature_levels < len(out_indices):
+            raise ValueError(f"num_feature_levels={num_feature_levels} < {len(out_indices)} backbone outputs")
+        self.hidden_dim = hidden_dim
+        self.num_classes = num_classes
+        self.num_queries = num_queries
+        self.num_encoder_layers = enc_layers
+        self.num_decoder_layers = dec_layers
+        self.num_feature_levels = num_feature_levels
+        self.c1_channels = embed_dim  # FocalNet stage-1 (stride 4) channels: 192 for L
+        self._category_ids = tuple(int(c) for c in category_ids)
+
+        # registration order = the official module order (transformer, label_enc, input_proj, backbone, heads)
+        self.transformer = DINOTransformer(hidden_dim, nheads, num_queries, enc_layers, dec_layers, dim_feedforward,
+                                           num_feature_levels, enc_n_points, dec_n_points, num_classes,
+                                           transformer_activation, impl)
+        self.label_enc = nn.Embedding(dn_labelbook_size + 1, hidden_dim)
+        focalnet = FocalNet(embed_dim=embed_dim, depths=depths, mlp_ratio=mlp_ratio, focal_levels=focal_levels,
+                            focal_windows=focal_windows, use_conv_embed=use_conv_embed, use_postln=use_postln,
+                            use_postln_in_modulation=use_postln_in_modulation, use_layerscale=use_layerscale,
+                            normalize_modulator=normalize_modulator, patch_norm=patch_norm, out_indices=out_indices)
+        self.num_backbone_outs = len(focalnet.out_indices)
+        channels = [focalnet.num_features[i] for i in focalnet.out_indices]
+        proj = [nn.Sequential(nn.Conv2d(c, hidden_dim, kernel_size=1), nn.GroupNorm(32, hidden_dim)) for c in channels]
+        in_ch = channels[-1]
+        for _ in range(num_feature_levels - len(channels)):
+            proj.append(nn.Sequential(nn.Conv2d(in_ch, hidden_dim, kernel_size=3, stride=2, padding=1),
+                                      nn.GroupNorm(32, hidden_dim)))
+            in_ch = hidden_dim
+        self.input_proj = nn.ModuleList(proj)
+        for p in self.input_proj:
+            nn.init.xavier_uniform_(p[0].weight, gain=1)
+            nn.init.zeros_(p[0].bias)
+        # backbone.0 = FocalNet, backbone.1 = position embedding (no weights), as the official Joiner
+        self.backbone = nn.ModuleList([
+            focalnet, PositionEmbeddingSineHW(hidden_dim // 2, pe_temperature_h, pe_temperature_w, normalize=True)])
+        # the decoder's heads, registered a second time at the top level (same modules => tied keys)
+        self.bbox_embed = self.transformer.decoder.bbox_embed
+        self.class_embed = self.transformer.decoder.class_embed
+
+    # ------------------------------------------------------------------ protocol helpers
+    def config(self) -> dict:
+        """JSON-serialisable constructor arguments (lists instead of tuples)."""
+        return dict(self._config)
+
+    def class_to_category_id(self) -> dict[int, int]:
+        """Logit column -> dataset category id for the real classes (identity on ``category_ids``).
+
+        For COCO: the 80 ids 1..90 except 12, 26, 29, 30, 45, 66, 68, 69, 71, 83; column 0 and
+        the unused ids are dummy columns and are absent from the map.
+        """
+        return {c: c for c in self._category_ids}
+
+    def feature_shapes(self, height: int, width: int) -> tuple[Tensor, tuple[int, int]]:
+        """Shapes :meth:`forward` produces for an UNPADDED ``height x width`` image (pure arithmetic).
+
+        Returns:
+            ``(spatial_shapes [L, 2] int64 (H_l, W_l), (H1, W1))``: encoder levels (strides
+            4, 8, 16, 32, 64 for the default 5 levels; each extra level is a 3x3/stride-2/pad-1
+            conv, i.e. ``ceil(H/2)``) and the stride-4 ``C1`` map.
+
+        Raises:
+            ValueError: non-positive size.
+        """
+        if height <= 0 or width <= 0:
+            raise ValueError(f"image size must be positive, got {height}x{width}")
+        focal = self.backbone[0]
+        stages = focalnet_feature_shapes(height, width, focal.num_layers)
+        shapes = [stages[i] for i in focal.out_indices]
+        h, w = shapes[-1]
+        for _ in range(self.num_feature_levels - len(shapes)):
+            h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+            shapes.append((h, w))
+        return torch.tensor(shapes, dtype=torch.long), stages[0]
+
+    def load_checkpoint(self, path: str, strict: bool = True) -> KeyReport:
+        """Load an official checkpoint file into this model (see :func:`pipeline.detectors.checkpoint.load_checkpoint`).
+
+        Raises:
+            CheckpointError: unreadable file, or (``strict``) missing / unexpected / mis-shaped keys.
+        """
+        return _load_checkpoint_file(self, path, strict=strict)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: Tensor, mask: Tensor) -> dict:
+        """Official DINO eval forward on a padded batch, with intermediate tensors.
+
+        Args:
+            images: ``[B, 3, H, W]`` ImageNet-normalised RGB, zero-padded; cast to the parameter dtype.
+            mask: ``[B, H, W]`` bool, True on padding.
+
+        Returns:
+            dict with everything of :meth:`DINOTransformer.forward` plus
+            ``backbone_features`` (list of ``[B, C_i, H_i, W_i]``, FocalNet ``norm{i}`` outputs, stride ``4*2**i``),
+            ``masks`` (list of L ``[B, H_l, W_l]`` bool, the interpolated masks of every level),
+            ``srcs`` (list of L ``[B, D, H_l, W_l]`` input-projection outputs),
+            ``pos_embeds`` (list of L ``[B, D, H_l, W_l]``),
+            ``all_pred_logits [n_dec, B, Q, C]``, ``all_pred_boxes [n_dec, B, Q, 4]`` (sigmoid cxcywh,
+            normalized to the valid image),
+            ``pred_logits [B, Q, C]``, ``pred_boxes [B, Q, 4]`` (last layer), ``hs_last [B, Q, D]``.
+
+        Raises:
+            ValueError: bad shapes.
+        """
+        if images.dim() != 4 or mask.dim() != 3 or images.shape[0] != mask.shape[0] \
+                or images.shape[-2:] != mask.shape[-2:]:
+            raise ValueError(f"images [B,3,H,W] and mask [B,H,W] expected, got {tuple(images.shape)} "
+                             f"and {tuple(mask.shape)}")
+        dtype = self.input_proj[0][0].weight.dtype
+        images = images.to(dtype)
+        mask = mask.to(torch.bool)
+        focal, pos_embed = self.backbone[0], self.backbone[1]
+        feats = focal(images)
+        masks = [_mask_to(mask, f.shape[-2:]) for f in feats]
+        poss = [pos_embed(m, dtype) for m in masks]
+        srcs = [self.input_proj[lvl](f) for lvl, f in enumerate(feats)]
+        for lvl in range(len(feats), self.num_feature_levels):
+            src = self.input_proj[lvl](feats[-1] if lvl == len(feats) else srcs[-1])
+            m = _mask_to(mask, src.shape[-2:])
+            srcs.append(src)
+            masks.append(m)
+            poss.append(pos_embed(m, dtype))
+        out = self.transformer(srcs, masks, poss)
+        hs, refs = out["hs"], out["references"]
+        logits = torch.stack([self.class_embed[i](hs[i]) for i in range(hs.shape[0])])
+        boxes = torch.stack([(self.bbox_embed[i](hs[i]) + inverse_sigmoid(refs[i])).sigmoid()
+                             for i in range(hs.shape[0])])
+        out.update(backbone_features=feats, masks=masks, srcs=srcs, pos_embeds=poss,
+                   all_pred_logits=logits, all_pred_boxes=boxes, pred_logits=logits[-1], pred_boxes=boxes[-1],
+                   hs_last=hs[-1])
+        return out
+
+    def extract(self, images: Tensor, mask: Tensor, encoder_layers: list[int], top_k: int) -> list[Extracted]:
+        """Frozen forward (under ``torch.inference_mode``) -> one :class:`Extracted` per image.
+
+        Queries are ranked by their best sigmoid class score over all columns (descending, stable
+        sort, so ties keep query order) and the first ``top_k`` are kept.  Encoder tokens and
+        ``c1`` are cropped to the valid region of each level, whose size is the number of
+        non-padded rows/columns of that level's interpolated mask.  The returned tensors are
+        ordinary (non-inference) tensors in the model dtype; ``extras['scores']`` holds the ``[K]``
+        ranking scores.
+
+        Args:
+            images: ``[B, 3, H, W]`` ImageNet-normalised, zero-padded.
+            mask: ``[B, H, W]`` bool, True on padding.
+            encoder_layers: 1-based encoder layers to return (``enc_layers`` = the memory).
+            top_k: queries to keep, ``1 <= top_k <= num_queries``.
+
+        Raises:
+            ValueError: a layer outside ``1..enc_layers`` or ``top_k`` out of range.
+        """
+        layers = [int(k) for k in encoder_layers]
+        bad = [k for k in layers if not 1 <= k <= self.num_encoder_layers]
+        if bad:
+            raise ValueError(f"encoder layers {bad} outside 1..{self.num_encoder_layers}")
+        if not 1 <= top_k <= self.num_queries:
+            raise ValueError(f"top_k={top_k} outside 1..{self.num_queries}")
+        with torch.inference_mode():
+            out = self.forward(images, mask)
+        dtype = out["hs_last"].dtype
+        shapes = out["spatial_shapes"]
+        records = []
+        for b in range(images.shape[0]):
+            scores = out["pred_logits"][b].sigmoid().max(-1).values
+            order = torch.sort(scores, descending=True, stable=True).indices[:top_k]
+            valid = torch.tensor([_valid_hw(m[b]) for m in out["masks"]], dtype=torch.long)
+            h1, w1 = valid[0].tolist()
+            records.append(Extracted(
+                queries=out["hs_last"][b, order].clone(),
+                logits=out["pred_logits"][b, order].clone(),
+                boxes=out["pred_boxes"][b, order].clone(),
+                query_index=order.clone(),
+                encoder_tokens={k: crop_tokens(out["encoder_layer_outputs"][k - 1][b], shapes, valid).clone()
+                                for k in layers},
+                spatial_shapes=valid,
+                level_start_index=level_start_index_of(valid),
+                valid_ratios=out["valid_ratios"][b].to(dtype).clone(),
+                c1=out["backbone_features"][0][b, :, :h1, :w1].clone(),
+                extras={"scores": scores[order].clone()},
+            ))
+        return records
+
+
+_LARGE = dict(hidden_dim=256, nheads=8, dim_feedforward=2048, enc_layers=6, dec_layers=6, num_queries=900,
+              num_classes=91, num_feature_levels=5, enc_n_points=4, dec_n_points=4, dn_labelbook_size=91,
+              pe_temperature_h=20.0, pe_temperature_w=20.0, embed_dim=192, depths=(2, 2, 18, 2),
+              focal_levels=4, focal_windows=3, use_conv_embed=True, use_postln=True,
+              use_postln_in_modulation=False, use_layerscale=True, normalize_modulator=True)
+
+#: Named configurations: ``large`` = the official DINO-FocalNet-L fl4 5-scale model;
+#: ``golden-small`` = the reduced model of ``golden_dino_focalnet_small.pt``.
+PRESETS: dict[str, dict] = {
+    "large": _LARGE,
+    "golden-small": dict(_LARGE, nheads=4, dim_feedforward=32, num_queries=100, embed_dim=16, depths=(1, 1, 2, 1)),
+}
+
+
+def build_dino_focalnet(preset: str = "large", **overrides) -> DINOFocalNet:
+    """Build :class:`DINOFocalNet` from a named preset (:data:`PRESETS`) plus keyword overrides.
+
+    Works under ``with torch.device('meta'):`` (no data-dependent initialisation).
+
+    Raises:
+        ValueError: unknown preset.  TypeError: unknown override keyword.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    return DINOFocalNet(**{**PRESETS[preset], **overrides})
