@@ -1,0 +1,51 @@
+"""Shared fixtures: the real COCO subset in ../shared/data/coco and small caches built from it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+COCO_ROOT = SHARED / "data" / "coco"
+
+# A fast, real extraction: the golden fixture's reduced DINO-FocalNet (same code as the full
+# model), random weights from the seed, small test-time size, a few real images.
+SMALL_EXTRACT = ["--detector", "dino-focalnet", "--preset", "golden-small", "--random-init",
+                 "--min-size", "160", "--max-size", "240", "--encoder-layers", "4,6", "--top-k", "30"]
+
+# A reduced head for the golden-small detector (16-channel C1) that trains in seconds on CPU.
+SMALL_HEAD = ["head.c1_channels=16", "head.image_encoder_layers=1", "head.box_dim=64", "head.box_encoder_layers=1",
+              "head.num_points=1024", "train.log_every=1"]
+
+
+def require_coco():
+    if not (COCO_ROOT / "annotations" / "instances_val2017.json").is_file():
+        pytest.skip(f"real COCO subset not found at {COCO_ROOT}")
+
+
+def run_cli(*args, check=True, env=None, timeout=900):
+    """Run ``python cli.py ...`` in a subprocess, as a user would; returns CompletedProcess."""
+    proc = subprocess.run([sys.executable, str(REPO / "cli.py"), *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cli {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def small_caches(tmp_path_factory):
+    """Train (12 images) and val (10 images) caches of real COCO images, extracted once per session."""
+    require_coco()
+    root = tmp_path_factory.mktemp("caches")
+    train = root / "train.zarr"
+    val = root / "val.zarr"
+    run_cli("extract", *SMALL_EXTRACT, "--coco-root", COCO_ROOT, "--split", "train2017", "--max-images", 12,
+            "--out", train)
+    run_cli("extract", *SMALL_EXTRACT, "--coco-root", COCO_ROOT, "--split", "val2017", "--max-images", 10,
+            "--out", val)
+    return {"train": train, "val": val}

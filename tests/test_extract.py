@@ -1,0 +1,159 @@
+"""Stage one on real COCO images: determinism, SIGKILL + resume, stale stores, bad images."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.cache import DONE, SKIPPED, FeatureCache
+
+from .conftest import COCO_ROOT, REPO, SMALL_EXTRACT, require_coco, run_cli
+
+
+def _arrays(path: Path) -> dict:
+    g = zarr.open_group(str(path), mode="r")
+    out = {}
+
+    def visit(group, prefix=""):
+        for name, node in group.members():
+            if isinstance(node, zarr.Group):
+                visit(node, f"{prefix}{name}/")
+            else:
+                out[prefix + name] = node[...]
+
+    visit(g)
+    return out
+
+
+def _assert_same_store(a: Path, b: Path):
+    xa, xb = _arrays(a), _arrays(b)
+    assert sorted(xa) == sorted(xb)
+    for k in xa:
+        assert np.array_equal(xa[k], xb[k]), f"array {k} differs"
+    fa = dict(zarr.open_group(str(a), mode="r").attrs)
+    fb = dict(zarr.open_group(str(b), mode="r").attrs)
+    assert fa == fb
+
+
+def test_extract_writes_complete_cache(small_caches):
+    cache = FeatureCache.open(small_caches["val"])
+    assert len(cache) == 10 and cache.done_indices() == list(range(10))
+    fp = cache.fingerprint
+    assert fp["detector"] == "dino-focalnet" and fp["random_init"] is True
+    assert fp["checkpoint_sha256"] == "random-init:seed=0"
+    assert fp["encoder_layers"] == [4, 6] and fp["top_k"] == 30 and fp["dtype"] == "float16"
+    assert fp["preprocessing"]["min_size"] == 160 and fp["preprocessing"]["max_size"] == 240
+    # class columns -> COCO category ids, identity on the 80 real ids
+    assert len(fp["class_to_category_id"]) == 80 and all(int(k) == v for k, v in fp["class_to_category_id"].items())
+    item = cache.read(0, 6)
+    h, w = item["size"]
+    assert min(h, w) <= 160 and max(h, w) <= 240
+    assert item["queries"].shape == (30, 256) and item["logits"].shape == (30, 91)
+    assert item["c1"].shape[0] == 16 and item["spatial_shapes"].shape == (5, 2)
+    assert item["tokens"].shape == (int(item["spatial_shapes"].prod(1).sum()), 256)
+    best = item["logits"].sigmoid().max(1).values
+    assert bool((best[:-1] >= best[1:]).all()), "queries must be ranked by best class score"
+    assert bool(((item["boxes"] >= 0) & (item["boxes"] <= 1)).all())
+
+
+def test_random_init_is_reproducible_and_required(tmp_path, small_caches):
+    require_coco()
+    out = tmp_path / "again.zarr"
+    run_cli("extract", *SMALL_EXTRACT, "--coco-root", COCO_ROOT, "--split", "val2017", "--max-images", 10,
+            "--out", out)
+    _assert_same_store(out, small_caches["val"])
+    proc = run_cli("extract", "--preset", "golden-small", "--coco-root", COCO_ROOT, "--split", "val2017",
+                   "--out", tmp_path / "x.zarr", check=False)
+    assert proc.returncode == 2 and "--weights is required" in proc.stderr
+
+
+def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, small_caches):
+    require_coco()
+    out = tmp_path / "killed.zarr"
+    args = [sys.executable, str(REPO / "cli.py"), "extract", *SMALL_EXTRACT, "--coco-root", str(COCO_ROOT),
+            "--split", "val2017", "--max-images", "10", "--out", str(out)]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_dir = out / "done" / "c"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if done_dir.is_dir() and len(list(done_dir.iterdir())) >= 3:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "extraction finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    status = FeatureCache.open(out).status()
+    assert 0 < int((status == DONE).sum()) < 10
+    run_cli("extract", *SMALL_EXTRACT, "--coco-root", COCO_ROOT, "--split", "val2017", "--max-images", 10,
+            "--out", out)
+    _assert_same_store(out, small_caches["val"])
+
+
+def test_other_settings_refused_and_store_untouched(tmp_path, small_caches):
+    out = tmp_path / "copy.zarr"
+    shutil.copytree(small_caches["val"], out)
+    before = _arrays(out)
+    proc = run_cli("extract", *[a if a != "160" else "192" for a in SMALL_EXTRACT], "--coco-root", COCO_ROOT,
+                   "--split", "val2017", "--max-images", 10, "--out", out, check=False)
+    assert proc.returncode == 2
+    assert "preprocessing" in proc.stderr and "--overwrite" in proc.stderr
+    after = _arrays(out)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def _copy_dataset(tmp_path: Path, n: int = 4):
+    """A COCO-format copy of the first n val images (so files can be damaged)."""
+    ann = json.loads((COCO_ROOT / "annotations" / "instances_val2017.json").read_text())
+    images = sorted(ann["images"], key=lambda im: im["id"])[:n]
+    ids = {im["id"] for im in images}
+    ann["images"] = images
+    ann["annotations"] = [a for a in ann["annotations"] if a["image_id"] in ids]
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    for im in images:
+        shutil.copy(COCO_ROOT / "val2017" / im["file_name"], img_dir / im["file_name"])
+    ann_file = tmp_path / "ann.json"
+    ann_file.write_text(json.dumps(ann))
+    return ann_file, img_dir, images
+
+
+def test_bad_image_stops_with_error_or_is_skipped(tmp_path):
+    require_coco()
+    ann_file, img_dir, images = _copy_dataset(tmp_path)
+    bad = img_dir / images[2]["file_name"]
+    bad.write_bytes(bad.read_bytes()[:2000])  # truncated JPEG
+    out = tmp_path / "c.zarr"
+    common = [*SMALL_EXTRACT, "--ann-file", ann_file, "--image-dir", img_dir, "--out", out]
+    proc = run_cli("extract", *common, check=False)
+    assert proc.returncode == 2 and images[2]["file_name"] in proc.stderr
+    status = FeatureCache.open(out).status()
+    assert status[:2].tolist() == [DONE, DONE]  # written before the error: kept
+    proc = run_cli("extract", *common, "--skip-bad-images")
+    cache = FeatureCache.open(out)
+    assert cache.status().tolist() == [DONE, DONE, SKIPPED, DONE]
+    assert list(cache.skipped) == [str(images[2]["id"])]
+
+
+def test_missing_image_and_wrong_size(tmp_path):
+    require_coco()
+    ann_file, img_dir, images = _copy_dataset(tmp_path, 2)
+    (img_dir / images[1]["file_name"]).unlink()
+    proc = run_cli("extract", *SMALL_EXTRACT, "--ann-file", ann_file, "--image-dir", img_dir,
+                   "--out", tmp_path / "a.zarr", check=False)
+    assert proc.returncode == 2 and images[1]["file_name"] in proc.stderr
+    ann = json.loads(ann_file.read_text())
+    ann["images"][0]["width"] += 7
+    ann_file.write_text(json.dumps(ann))
+    proc = run_cli("extract", *SMALL_EXTRACT, "--ann-file", ann_file, "--image-dir", img_dir,
+                   "--image-ids", str(images[0]["id"]), "--out", tmp_path / "b.zarr", check=False)
+    assert proc.returncode == 2 and images[0]["file_name"] in proc.stderr and "647 x 426" in proc.stderr
