@@ -1,0 +1,288 @@
+"""The Mask Frozen-DETR head: frozen-detector tensors in, box-frame mask logits (+ IoU) out.
+
+Stage two only sees cached tensors; nothing here imports ``pipeline.detectors``.
+
+Data flow for one image (paper equations in brackets):
+
+1. ``encode_image``: ``F = Neck(C1) + interpolate(F_e(E)_finest)`` [Eq. 5, 6, 14] -> ``[D, H1, W1]``.
+2. ``forward``: channel mapper Linear(D, h) on F -> RoIAlign ``R x R`` at each box [Eq. 3]
+   -> + learned positional embedding -> for each box-encoder block: deformable block over the
+   box tokens [Eq. 9], then a query layer (B2O + FFN) [Eq. 11] -> mask logits
+   ``q . R^T`` [Eq. 4] -> mask scoring ``iou = MLP(Conv(Cat(M, R)))`` [Eq. 12].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+from .box_ops import box_cxcywh_to_xyxy
+from .config import HeadConfig
+from .encoders import BoxEncoder, ImageEncoder, Neck, QueryLayer, upsample_to
+from .scoring import MaskScoringHead
+
+
+class DotProductMaskHead(nn.Module):
+    """Eq. 4: mask logits = ``q_i . R_i^T`` (no parameters; Table 14 "dot product")."""
+
+    def forward(self, box_tokens: Tensor, query: Tensor) -> Tensor:
+        """``box_tokens [M, N, h]``, ``query [M, h]`` -> ``[M, N]`` logits."""
+        return torch.einsum("mnc,mc->mn", box_tokens, query)
+
+
+class SegmenterMaskHead(nn.Module):
+    """Segmenter's mask-transformer tail at width h (Strudel et al. 2021; Table 14 "segmenter head").
+
+    ``x = LN(tokens), c = LN(query)`` (one shared LayerNorm(h)), ``x @ P_patch`` and ``c @ P_query``
+    (bias-free h x h projections), both L2-normalized, cosine-similarity logits, then a 2-parameter
+    mask norm. Segmenter's mask norm is LayerNorm over the class channel; with one mask channel
+    that normalization would make every logit equal to its bias, so we keep the LayerNorm(1)
+    parameter count (gain, bias) as a learned scalar affine without the normalization step.
+    33,026 parameters at h=128, as the Table 14 accounting.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.proj_patch = nn.Parameter(dim ** -0.5 * torch.randn(dim, dim))
+        self.proj_query = nn.Parameter(dim ** -0.5 * torch.randn(dim, dim))
+        self.mask_gain = nn.Parameter(torch.ones(1))
+        self.mask_bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, box_tokens: Tensor, query: Tensor) -> Tensor:
+        """``box_tokens [M, N, h]``, ``query [M, h]`` -> ``[M, N]`` logits."""
+        x = F.normalize(self.norm(box_tokens) @ self.proj_patch, dim=-1)
+        c = F.normalize(self.norm(query) @ self.proj_query, dim=-1)
+        return torch.einsum("mnc,mc->mn", x, c) * self.mask_gain + self.mask_bias
+
+
+class MaskFrozenDetrHead(nn.Module):
+    """The trainable head of Mask Frozen-DETR (Sections 3.2-3.4, Appendix A).
+
+    Build it with :func:`pipeline.head.build_head` (or directly from a :class:`HeadConfig`).
+    Submodules (each a row of :func:`parameter_table`): ``neck``, ``image_encoder``,
+    ``channel_mapper``, ``query_proj``, ``box_pos_embed``, ``box_encoder``, ``query_encoder``,
+    ``mask_head``, ``mask_scoring``. Absent components are ``None`` / identities.
+
+    The default config (DINO-FocalNet-L, 3 image / 2 box layers) has 4,076,208 parameters:
+    the Table 16 (3, 2) accounting (4,026,288 -> "4.03 M") plus the C1 neck PWConv(192, 256) +
+    GN(256) = 49,920. The paper's DINO row has no C1 neck (the detector's own stride-4 level,
+    already GN(PWConv(C1)), plays its role); we keep the neck because C1 is 192-d here and the
+    fusion ``Neck(C1) + interpolate(E)`` of Eq. 5/14 is the method as written. ``neck=False,
+    fuse_c1=False`` gives the paper's exact DINO accounting.
+
+    Everything runs per image (no padding across images), so an image's outputs do not depend on
+    which other images share its batch.
+    """
+
+    COMPONENTS = ("neck", "image_encoder", "channel_mapper", "query_proj", "box_pos_embed", "box_encoder",
+                  "query_encoder", "mask_head", "mask_scoring")
+
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        # a parameter-free head (Table 1 baseline) still needs to know its dtype and device
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+        d, h, r = cfg.hidden_dim, cfg.box_dim, cfg.roi_size
+        self.neck = Neck(cfg.c1_channels, d) if (cfg.neck and cfg.fuse_c1) else None
+        self.image_encoder = ImageEncoder(
+            cfg.image_encoder_layers, d, cfg.image_encoder_ffn_dim, cfg.num_feature_levels,
+            cfg.image_encoder_heads, cfg.image_encoder_points, cfg.activation, cfg.dropout, cfg.deform_impl)
+        self.channel_mapper = nn.Linear(d, h) if h != d else nn.Identity()
+        self.query_proj = nn.Linear(d, h) if h != d else nn.Identity()
+        self.box_pos_embed = nn.Parameter(torch.zeros(r * r, h)) if cfg.box_pos_embed else None
+        if self.box_pos_embed is not None:
+            nn.init.trunc_normal_(self.box_pos_embed, std=0.02)
+        self.box_encoder = BoxEncoder(cfg.box_encoder_layers, h, cfg.box_ffn_ratio * h, r, cfg.box_encoder_heads,
+                                      cfg.box_encoder_points, cfg.activation, cfg.dropout, cfg.deform_impl)
+        has_query_layers = cfg.query_ffn or cfg.query_b2o or cfg.query_o2o
+        self.query_encoder = nn.ModuleList(
+            QueryLayer(h, cfg.query_heads, cfg.box_ffn_ratio * h, use_o2o=cfg.query_o2o, use_b2o=cfg.query_b2o,
+                       use_ffn=cfg.query_ffn, activation=cfg.activation, dropout=cfg.dropout)
+            for _ in range(cfg.box_encoder_layers if has_query_layers else 0))
+        self.mask_head = DotProductMaskHead() if cfg.mask_head == "dot_product" else SegmenterMaskHead(h)
+        self.mask_scoring = (MaskScoringHead(h, r, cfg.num_score_classes, cfg.score_conv_dim, cfg.score_fc_dim)
+                             if cfg.mask_scoring else None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype the head computes in (follows ``.to()`` / ``.double()``); inputs are cast to it."""
+        return self._anchor.dtype
+
+    def encode_image(self, tokens: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, c1: Tensor) -> Tensor:
+        """Fused stride-4 feature map F of one image (Eq. 5 with the neck of Eq. 14).
+
+        ``F = Neck(C1) + interpolate(F_e(E)_finest)``: the image encoder runs over all levels of
+        E; its finest level (largest ``H_l * W_l``; level 0 in the cache's finest-first order)
+        is bilinearly resized (align_corners=False) to C1's size.
+
+        Args:
+            tokens: ``[S, D]`` encoder tokens (any float dtype; float16 from the cache).
+            spatial_shapes: ``[L, 2]`` int64 ``(H_l, W_l)``; L must equal ``num_feature_levels``.
+            level_start_index: ``[L]`` int64.
+            c1: ``[C1, H1, W1]`` backbone stage-1 map (stride 4).
+
+        Returns:
+            ``[D, H1, W1]`` in the head's dtype.
+
+        Raises:
+            ValueError: on a level-count, token-count, or C1-channel mismatch.
+        """
+        dtype, device = self.dtype, self.device
+        tokens = tokens.to(device=device, dtype=dtype)
+        c1 = c1.to(device=device, dtype=dtype)
+        spatial_shapes = spatial_shapes.to(device=device, dtype=torch.int64)
+        level_start_index = level_start_index.to(device=device, dtype=torch.int64)
+        if tokens.dim() != 2 or tokens.shape[1] != self.cfg.hidden_dim:
+            raise ValueError(f"tokens must be [S, {self.cfg.hidden_dim}], got {tuple(tokens.shape)}")
+        if c1.dim() != 3:
+            raise ValueError(f"c1 must be [C1, H1, W1], got {tuple(c1.shape)}")
+        enc = self.image_encoder(tokens, spatial_shapes, level_start_index)
+        sizes = spatial_shapes.prod(1)
+        finest = int(torch.argmax(sizes))
+        hf, wf = spatial_shapes[finest].tolist()
+        start = int(level_start_index[finest])
+        e = enc[start:start + hf * wf].transpose(0, 1).reshape(-1, hf, wf)
+        out = upsample_to(e, tuple(c1.shape[-2:]))
+        if self.cfg.fuse_c1:
+            expected = self.cfg.c1_channels if self.neck is not None else self.cfg.hidden_dim
+            if c1.shape[0] != expected:
+                raise ValueError(f"c1 has {c1.shape[0]} channels, expected {expected}")
+            out = out + (self.neck(c1) if self.neck is not None else c1)
+        return out
+
+    @property
+    def device(self) -> torch.device:
+        """Device the head computes on (follows ``.to()``)."""
+        return self._anchor.device
+
+    def _empty_outputs(self, ref: Tensor) -> dict[str, Tensor]:
+        r = self.cfg.roi_size
+        out = {"mask_logits": ref.new_zeros((0, r, r), dtype=self.dtype)}
+        if self.mask_scoring is not None:
+            out["iou_pred"] = ref.new_zeros((0, self.cfg.num_score_classes), dtype=self.dtype)
+        return out
+
+    def forward(self, features: list[Tensor], queries: Tensor, boxes: Tensor, image_sizes: Tensor,
+                batch_index: Tensor) -> dict[str, Tensor]:
+        """Mask logits (box frame) and per-class mask IoU for M boxes from B images.
+
+        Boxes are given flattened with a batch index (as RoIAlign), so images may have different
+        numbers of boxes; each image is processed on its own.
+
+        Args:
+            features: B tensors ``[D, H1_b, W1_b]`` from :meth:`encode_image` (sizes may differ).
+            queries: ``[M, D]`` last-decoder-layer queries of the boxes.
+            boxes: ``[M, 4]`` cxcywh normalized to the image (the detector's boxes).
+            image_sizes: ``[B, 2]`` float ``(h, w)`` of the resized image the detector saw, in
+                pixels. Box pixels ``box * (w, h)`` are mapped to feature pixels by the per-axis
+                ratio ``(W1_b / w, H1_b / h)``, i.e. the feature map is taken to span the image.
+            batch_index: ``[M]`` int64 image of each box, in ``[0, B)``.
+
+        Returns:
+            dict with ``mask_logits [M, R, R]`` (pre-sigmoid, box frame, row-major y/x) and, with
+            mask scoring, ``iou_pred [M, num_score_classes]``. M = 0 gives empty tensors.
+
+        Raises:
+            ValueError: on inconsistent shapes or a batch index out of range.
+        """
+        m = queries.shape[0]
+        if boxes.shape != (m, 4) or batch_index.shape != (m,):
+            raise ValueError(f"queries {tuple(queries.shape)}, boxes {tuple(boxes.shape)} and batch_index "
+                             f"{tuple(batch_index.shape)} disagree (want [M, D], [M, 4], [M])")
+        if image_sizes.dim() != 2 or image_sizes.shape != (len(features), 2):
+            raise ValueError(f"image_sizes must be [B={len(features)}, 2], got {tuple(image_sizes.shape)}")
+        if m == 0:
+            return self._empty_outputs(queries)
+        if int(batch_index.min()) < 0 or int(batch_index.max()) >= len(features):
+            raise ValueError(f"batch_index must lie in [0, {len(features)}), got "
+                             f"[{int(batch_index.min())}, {int(batch_index.max())}]")
+        dtype, device = self.dtype, self.device
+        queries = queries.to(device=device, dtype=dtype)
+        boxes = boxes.to(device=device, dtype=dtype)
+        batch_index = batch_index.to(device)
+        image_sizes = image_sizes.to(device=device, dtype=dtype)
+
+        r = self.cfg.roi_size
+        geometry = self.box_encoder.geometry(dtype, device)
+        order, mask_parts, iou_parts = [], [], []
+        for b in torch.unique(batch_index).tolist():
+            idx = torch.nonzero(batch_index == b).flatten()
+            feat = features[b].to(device=device, dtype=dtype)
+            mapped = self.channel_mapper(feat.permute(1, 2, 0)).permute(2, 0, 1)
+            h1, w1 = feat.shape[-2:]
+            img_h, img_w = image_sizes[b].unbind(0)
+            xyxy = box_cxcywh_to_xyxy(boxes[idx])
+            scale = torch.stack((w1 / img_w, h1 / img_h, w1 / img_w, h1 / img_h))
+            xyxy = xyxy * torch.stack((img_w, img_h, img_w, img_h)) * scale
+            rois = roi_align(mapped[None], [xyxy], output_size=r, spatial_scale=1.0,
+                             sampling_ratio=self.cfg.roi_sampling_ratio, aligned=True)
+            tokens = rois.flatten(2).transpose(1, 2)  # [m, R*R, h]
+            if self.box_pos_embed is not None:
+                tokens = tokens + self.box_pos_embed
+            q = self.query_proj(queries[idx])
+            for layer in range(len(self.box_encoder.layers)):
+                tokens = self.box_encoder.layer(layer, tokens, geometry)
+                if layer < len(self.query_encoder):
+                    q = self.query_encoder[layer](q, tokens)
+            logits = self.mask_head(tokens, q).view(-1, r, r)
+            order.append(idx)
+            mask_parts.append(logits)
+            if self.mask_scoring is not None:
+                probs = logits.sigmoid()
+                if self.cfg.score_detach_mask:
+                    probs = probs.detach()
+                iou_parts.append(self.mask_scoring(probs, tokens))
+        inverse = torch.argsort(torch.cat(order))
+        out = {"mask_logits": torch.cat(mask_parts)[inverse]}
+        if self.mask_scoring is not None:
+            out["iou_pred"] = torch.cat(iou_parts)[inverse]
+        return out
+
+
+def count_parameters(head: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (unique) parameter elements of ``head`` (the paper's ▲#params convention).
+
+    Args:
+        head: any module.
+        trainable_only: count only parameters with ``requires_grad``.
+    """
+    return sum(p.numel() for p in head.parameters() if p.requires_grad or not trainable_only)
+
+
+def parameter_table(head: nn.Module) -> list[tuple[str, int]]:
+    """Per-component parameter counts (for ``cli.py params``).
+
+    For a :class:`MaskFrozenDetrHead` the rows are its components in data-flow order
+    (``neck``, ``image_encoder``, ``channel_mapper``, ``query_proj``, ``box_pos_embed``,
+    ``box_encoder``, ``query_encoder``, ``mask_head``, ``mask_scoring``), absent (``None``)
+    components omitted; for any other module, its direct parameters then its direct children.
+    Rows sum to ``count_parameters(head, trainable_only=False)``.
+
+    Returns:
+        ``[(name, count), ...]``.
+    """
+    names = getattr(head, "COMPONENTS", None)
+    if names is None:
+        names = [n for n, _ in head.named_parameters(recurse=False)] + [n for n, _ in head.named_children()]
+    rows = []
+    for name in names:
+        obj = getattr(head, name)
+        if obj is None:
+            continue
+        count = obj.numel() if isinstance(obj, nn.Parameter) else sum(p.numel() for p in obj.parameters())
+        rows.append((name, count))
+    return rows
+
+
+def format_parameter_table(head: nn.Module) -> str:
+    """Printable :func:`parameter_table` with a total line (what ``cli.py params`` shows)."""
+    rows = parameter_table(head)
+    width = max([len(n) for n, _ in rows] + [5])
+    lines = [f"{name:<{width}}  {count:>11,}" for name, count in rows]
+    total = count_parameters(head, trainable_only=False)
+    lines.append(f"{'total':<{width}}  {total:>11,}  ({total / 1e6:.2f} M)")
+    return "\n".join(lines)

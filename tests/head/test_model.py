@@ -1,0 +1,188 @@
+"""Forward shapes, per-image independence, box geometry, gradients and dtypes of the head."""
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+import pipeline.head
+from pipeline.head import build_head
+
+from ._synthetic import fake_image, random_boxes
+
+SMALL = {"image_encoder_layers": 1, "box_encoder_layers": 1, "roi_size": 8}  # fast variants
+
+
+def _encode(head, sizes, seed=0):
+    return [head.encode_image(*fake_image(h, w, seed=seed + i)) for i, (h, w) in enumerate(sizes)]
+
+
+@pytest.fixture(scope="module")
+def default_head():
+    torch.manual_seed(0)
+    head, criterion, post = build_head()
+    return head.eval(), criterion, post
+
+
+def test_encode_image_shape_and_dtype(default_head):
+    head, _, _ = default_head
+    tokens, shapes, start, c1 = fake_image(70, 90)
+    f = head.encode_image(tokens, shapes, start, c1)
+    assert f.shape == (256, c1.shape[1], c1.shape[2]) and f.dtype == torch.float32
+
+
+def test_forward_shapes_different_image_sizes(default_head):
+    head, _, _ = default_head
+    feats = _encode(head, [(64, 96), (80, 56)])
+    m = 5
+    out = head(feats, torch.randn(m, 256), random_boxes(m), torch.tensor([[64.0, 96.0], [80.0, 56.0]]),
+               torch.tensor([1, 0, 1, 1, 0]))
+    assert out["mask_logits"].shape == (m, 32, 32)
+    assert out["iou_pred"].shape == (m, 80)
+    assert torch.isfinite(out["mask_logits"]).all() and torch.isfinite(out["iou_pred"]).all()
+
+
+def test_forward_empty(default_head):
+    head, _, _ = default_head
+    feats = _encode(head, [(64, 64)])
+    out = head(feats, torch.zeros(0, 256), torch.zeros(0, 4), torch.tensor([[64.0, 64.0]]),
+               torch.zeros(0, dtype=torch.int64))
+    assert out["mask_logits"].shape == (0, 32, 32) and out["iou_pred"].shape == (0, 80)
+
+
+def test_image_without_boxes_in_batch(default_head):
+    head, _, _ = default_head
+    feats = _encode(head, [(64, 64), (48, 80), (64, 64)])
+    out = head(feats, torch.randn(3, 256), random_boxes(3), torch.tensor([[64.0, 64], [48, 80], [64, 64]]),
+               torch.tensor([0, 2, 0]))
+    assert out["mask_logits"].shape == (3, 32, 32)
+
+
+def test_results_do_not_depend_on_batch_composition(default_head):
+    head, _, _ = default_head
+    fa, fb = _encode(head, [(64, 96), (88, 72)])
+    qa, ba = torch.randn(4, 256), random_boxes(4, seed=1)
+    qb, bb = torch.randn(3, 256), random_boxes(3, seed=2)
+    with torch.no_grad():
+        alone = head([fa], qa, ba, torch.tensor([[64.0, 96.0]]), torch.zeros(4, dtype=torch.int64))
+        # image a second in the batch, its boxes interleaved with image b's
+        q = torch.cat((qb[:1], qa[:2], qb[1:], qa[2:]))
+        b = torch.cat((bb[:1], ba[:2], bb[1:], ba[2:]))
+        bi = torch.tensor([0, 1, 1, 0, 0, 1, 1])
+        batch = head([fb, fa], q, b, torch.tensor([[88.0, 72.0], [64.0, 96.0]]), bi)
+    sel = bi == 1
+    assert torch.equal(batch["mask_logits"][sel], alone["mask_logits"])
+    assert torch.equal(batch["iou_pred"][sel], alone["iou_pred"])
+
+
+def test_roi_geometry_box_frame():
+    """A parameter-free head (Table 1 baseline) reads F = x-ramp; the logits are the bin centres."""
+    cfg = {"image_encoder_layers": 0, "neck": False, "fuse_c1": False, "box_dim": 256, "box_encoder_layers": 0,
+           "box_pos_embed": False, "query_ffn": False, "query_b2o": False, "mask_scoring": False, "roi_size": 8}
+    head, _, _ = build_head(cfg)
+    assert sum(p.numel() for p in head.parameters()) == 0
+    h1, w1, img_h, img_w = 20, 30, 80.0, 120.0
+    feat = torch.zeros(256, h1, w1, dtype=torch.float64)
+    feat[0] = torch.arange(w1, dtype=torch.float64) + 0.5  # value = continuous x at pixel centres
+    feat[1] = (torch.arange(h1, dtype=torch.float64) + 0.5)[:, None]
+    box = torch.tensor([[0.5, 0.4, 0.4, 0.3]], dtype=torch.float64)  # cxcywh normalized
+    head = head.double()
+    q = torch.zeros(2, 256, dtype=torch.float64)
+    q[0, 0] = 1.0
+    q[1, 1] = 1.0
+    out = head([feat], q, box.expand(2, 4), torch.tensor([[img_h, img_w]]), torch.zeros(2, dtype=torch.int64))
+    x0, x1 = (0.5 - 0.2) * w1, (0.5 + 0.2) * w1
+    y0, y1 = (0.4 - 0.15) * h1, (0.4 + 0.15) * h1
+    centres_x = x0 + (torch.arange(8, dtype=torch.float64) + 0.5) * (x1 - x0) / 8
+    centres_y = y0 + (torch.arange(8, dtype=torch.float64) + 0.5) * (y1 - y0) / 8
+    torch.testing.assert_close(out["mask_logits"][0], centres_x[None].expand(8, 8))
+    torch.testing.assert_close(out["mask_logits"][1], centres_y[:, None].expand(8, 8))
+
+
+def test_gradients_reach_every_parameter():
+    """Default architecture: one backward of the full loss reaches every parameter (no unused ones)."""
+    torch.manual_seed(1)
+    head, criterion, _ = build_head({"num_points": 1024})  # fewer loss points; same architecture
+    head.train()
+    feats = _encode(head, [(48, 64), (56, 48)])
+    m = 4
+    out = head(feats, torch.randn(m, 256), random_boxes(m), torch.tensor([[48.0, 64.0], [56.0, 48.0]]),
+               torch.tensor([0, 1, 0, 1]))
+    targets = {"masks": (torch.rand(m, 112, 112) > 0.5).float(), "labels": torch.randint(0, 80, (m,))}
+    losses = criterion(out, targets, generator=torch.Generator().manual_seed(0))
+    losses["loss"].backward()
+    missing = [n for n, p in head.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
+               or p.grad.abs().sum() == 0]
+    assert missing == []
+
+
+@pytest.mark.parametrize("overrides", [
+    {**SMALL, "mask_head": "segmenter"},
+    {**SMALL, "query_o2o": True},
+    {**SMALL, "image_encoder_layers": 0, "box_encoder_layers": 0},
+    {**SMALL, "mask_scoring": False, "query_ffn": False, "query_b2o": False},
+    {**SMALL, "num_feature_levels": 4, "c1_channels": 256, "neck": False},
+])
+def test_ablation_variants_run(overrides):
+    head, criterion, _ = build_head(overrides)
+    levels = overrides.get("num_feature_levels", 5)
+    c1ch = overrides.get("c1_channels", 192)
+    feats = [head.encode_image(*fake_image(48, 64, levels=levels, c1_channels=c1ch))]
+    m, r = 3, overrides["roi_size"]
+    out = head(feats, torch.randn(m, 256), random_boxes(m), torch.tensor([[48.0, 64.0]]),
+               torch.zeros(m, dtype=torch.int64))
+    assert out["mask_logits"].shape == (m, r, r)
+    assert ("iou_pred" in out) == overrides.get("mask_scoring", True)
+    targets = {"masks": torch.rand(m, 112, 112), "labels": torch.randint(0, 80, (m,))}
+    criterion(out, targets)["loss"].backward()
+
+
+def test_float64_matches_float32():
+    torch.manual_seed(0)
+    head32, criterion, _ = build_head(SMALL)
+    head64, _, _ = build_head(SMALL)
+    head64.load_state_dict(head32.state_dict())
+    head64 = head64.double()
+    img = fake_image(48, 64)
+    q, b = torch.randn(3, 256), random_boxes(3)
+    sizes, bi = torch.tensor([[48.0, 64.0]]), torch.zeros(3, dtype=torch.int64)
+    f64 = head64.encode_image(*img)
+    assert f64.dtype == torch.float64
+    out64 = head64([f64], q, b, sizes, bi)
+    out32 = head32([head32.encode_image(*img)], q, b, sizes, bi)
+    assert out64["mask_logits"].dtype == torch.float64 and out64["iou_pred"].dtype == torch.float64
+    torch.testing.assert_close(out64["mask_logits"].float(), out32["mask_logits"], rtol=1e-4, atol=1e-4)
+    targets = {"masks": torch.rand(3, 112, 112, dtype=torch.float64), "labels": torch.tensor([0, 5, 79])}
+    losses = criterion(out64, targets, generator=torch.Generator().manual_seed(0))
+    assert losses["loss"].dtype == torch.float64
+    losses["loss"].backward()
+
+
+def test_input_errors(default_head):
+    head, _, _ = default_head
+    tokens, shapes, start, c1 = fake_image(48, 64, levels=4)
+    with pytest.raises(ValueError, match="levels"):
+        head.encode_image(tokens, shapes, start, c1)
+    tokens, shapes, start, c1 = fake_image(48, 64, c1_channels=256)
+    with pytest.raises(ValueError, match="channels"):
+        head.encode_image(tokens, shapes, start, c1)
+    feats = [torch.zeros(256, 12, 16)]
+    with pytest.raises(ValueError, match="batch_index"):
+        head(feats, torch.randn(2, 256), random_boxes(2), torch.tensor([[48.0, 64.0]]), torch.tensor([0, 1]))
+
+
+def test_head_never_imports_detectors():
+    """Stage two only knows cached tensors: no module of pipeline/head imports pipeline.detectors."""
+    root = Path(pipeline.head.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            offenders += [f"{path.name}: {n}" for n in names if "detectors" in n]
+    assert offenders == []
