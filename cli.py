@@ -123,9 +123,10 @@ def extract(**kw):
 
 # ----------------------------------------------------------------------------- check-weights
 @main.command("check-weights")
-@click.option("--detector", default="dino-focalnet", show_default=True)
-@click.option("--preset", default="large", show_default=True)
-@click.option("--weights", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--detector", default="dino-focalnet", show_default=True, help="Detector registry name.")
+@click.option("--preset", default="large", show_default=True, help="Architecture preset ('large' = official release).")
+@click.option("--weights", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Checkpoint file to check (.pth with a 'model' dict, or a bare state_dict).")
 @friendly_errors
 def check_weights(detector, preset, weights):
     """Load a checkpoint into the detector and print the key report (exit 1 on any mismatch)."""
@@ -143,7 +144,8 @@ def check_weights(detector, preset, weights):
 @click.option("--val-cache", type=click.Path(file_okay=False, path_type=Path),
               help="Validation cache, evaluated at the end.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path(__file__).parent / "configs" / "mfdetr_dino_focalnet_l.yaml", show_default=True)
+              default=Path(__file__).parent / "configs" / "mfdetr_dino_focalnet_l.yaml", show_default=True,
+              help="Experiment YAML (head, train and evaluate sections).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config field, e.g. --set head.box_dim=96 (repeatable).")
 @click.option("--epochs", type=int, help="Shortcut for --set train.epochs=N.")
@@ -151,11 +153,12 @@ def check_weights(detector, preset, weights):
 @click.option("--batch-size", type=int, help="Images per iteration (paper: 8; 2 and 4 supported).")
 @click.option("--boxes", type=click.Choice(["pred", "gt"]),
               help="Train (and evaluate) on the detector's boxes or on ground-truth boxes.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1 ...")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--ann-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Training annotations, if moved since extraction.")
-@click.option("--val-ann-file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--val-ann-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Validation annotations, if moved since extraction.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
 @friendly_errors
 def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batch_size, boxes, device, resume,
@@ -186,12 +189,13 @@ def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batc
 @click.option("--cache", required=True, type=click.Path(file_okay=False, path_type=Path), help="Cache to evaluate.")
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path), help="head.pt")
 @click.option("--boxes", type=click.Choice(["pred", "gt"]), help="Default: what the head was trained with.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda ...")
 @click.option("--ann-file", type=click.Path(dir_okay=False, path_type=Path), help="Annotations, if moved.")
 @click.option("--format-only", is_flag=True, help="Write results json without ground truth (test-dev).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override evaluate.* fields, e.g. --set evaluate.top_n=50.")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder for coco_instances_results.json and metrics.json.")
 @friendly_errors
 def evaluate(cache, checkpoint, boxes, device, ann_file, format_only, overrides, out):
     """COCO mask (segm) and box AP of a trained head; writes results json and metrics.json."""
@@ -217,8 +221,9 @@ def evaluate(cache, checkpoint, boxes, device, ann_file, format_only, overrides,
 # ------------------------------------------------------------------------------------ params
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path(__file__).parent / "configs" / "mfdetr_dino_focalnet_l.yaml", show_default=True)
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+              default=Path(__file__).parent / "configs" / "mfdetr_dino_focalnet_l.yaml", show_default=True,
+              help="Experiment YAML whose head is counted.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field (repeatable).")
 @friendly_errors
 def params(config_path, overrides):
     """Count the trainable parameters of the head a config builds (the paper's ▲#params)."""

@@ -126,21 +126,45 @@ def _dataclass_from(cls, values: dict, where: str):
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    kwargs = {}
-    for k, v in values.items():
-        default = getattr(cls(), k)
-        if isinstance(default, tuple) and isinstance(v, list):
-            v = tuple(v)
-        kwargs[k] = v
-    return cls(**kwargs)
+    defaults = cls()
+    return cls(**{k: _coerce(getattr(defaults, k), v, f"{where}.{k}") for k, v in values.items()})
 
 
 def parse_value(text: str) -> Any:
-    """Parse the value of ``--set key=value`` as YAML (numbers, bools, lists, null, strings)."""
+    """Parse the value of ``--set key=value`` as YAML (numbers, bools, lists, null, strings).
+
+    Numbers YAML 1.1 leaves as strings (``1e-3``) become floats.
+    """
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    return _number(value)
+
+
+def _number(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _coerce(default: Any, value: Any, where: str) -> Any:
+    """Cast ``value`` to the type of a field's ``default`` (YAML gives ``1e-3`` as a string)."""
+    if isinstance(default, bool) or default is None:
+        return value
+    if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if isinstance(default, int) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(default, tuple) and isinstance(value, list):
+        return tuple(_coerce(default[0] if default else None, v, where) for v in value)
+    return value
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -184,7 +208,9 @@ def config_from_dict(raw: dict, where: str = "config") -> Config:
         raise ConfigError(f"{where}: unknown section(s) {unknown}; expected head, train, evaluate")
     from .head import HeadConfig  # validated here so that errors name the config file
 
-    head = raw.get("head") or {}
+    head = dict(raw.get("head") or {})
+    head_defaults = HeadConfig()
+    head = {k: _coerce(getattr(head_defaults, k, None), v, f"{where}: head.{k}") for k, v in head.items()}
     try:
         HeadConfig.from_dict(head)
     except (TypeError, ValueError) as e:

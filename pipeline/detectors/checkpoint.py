@@ -15,7 +15,6 @@ the file; their values are checked equal and loaded once.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import pickle
 import re
