@@ -145,3 +145,12 @@ def to_xyxy_pixels(boxes_cxcywh: torch.Tensor, height: float, width: float) -> t
     """``[N, 4]`` cxcywh normalized -> ``[N, 4]`` xyxy pixels of an image ``height x width``."""
     scale = boxes_cxcywh.new_tensor([width, height, width, height])
     return box_convert(boxes_cxcywh, "cxcywh", "xyxy") * scale
+
+
+def image_features(head, items: list[dict], device, dtype=torch.float32) -> list[torch.Tensor]:
+    """Run the head's image-feature part on each cached image: ``[256, H1, W1]`` per image."""
+    feats = []
+    for it in items:
+        feats.append(head.encode_image(it["tokens"].to(device, dtype), it["spatial_shapes"].to(device),
+                                       it["level_start_index"].to(device), it["c1"].to(device, dtype)))
+    return feats

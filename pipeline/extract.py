@@ -126,7 +126,8 @@ def _layouts(coco, image_ids, detector, min_size, max_size) -> list[ImageLayout]
     return layouts
 
 
-def _extract_indices(opts: ExtractOptions, indices: list[int], detector=None, position: int = 0) -> list[tuple[int, str]]:
+def _extract_indices(opts: ExtractOptions, indices: list[int], detector=None, coco=None,
+                     position: int = 0) -> list[tuple[int, str]]:
     """Extract the images at store positions ``indices``; returns ``[(index, reason)]`` skipped.
 
     Runs in the main process (one worker) or in a dask worker process, which then builds its
@@ -136,7 +137,8 @@ def _extract_indices(opts: ExtractOptions, indices: list[int], detector=None, po
     cache = FeatureCache.open(opts.out, mode="r+")
     if detector is None:
         detector, _ = build_frozen_detector(opts)
-    coco = data.load_coco(ann_file)
+    if coco is None:
+        coco = data.load_coco(ann_file)
     skipped = []
     dtype = next(detector.parameters()).dtype
     bar = tqdm(indices, desc="extract", unit="img", position=position, dynamic_ncols=True)
@@ -195,7 +197,7 @@ def run_extract(opts: ExtractOptions) -> dict:
              int((status == DONE).sum()), int((status == SKIPPED).sum()), len(todo))
     start = time.time()
     if opts.workers <= 1 or len(todo) <= 1:
-        skipped = _extract_indices(opts, todo, detector)
+        skipped = _extract_indices(opts, todo, detector, coco)
     else:
         import dask
 
@@ -203,7 +205,7 @@ def run_extract(opts: ExtractOptions) -> dict:
         n = opts.workers
         size = -(-len(todo) // n)
         blocks = [todo[j : j + size] for j in range(0, len(todo), size)]
-        tasks = [dask.delayed(_extract_indices)(opts, b, None, w) for w, b in enumerate(blocks)]
+        tasks = [dask.delayed(_extract_indices)(opts, b, None, None, w) for w, b in enumerate(blocks)]
         results = dask.compute(*tasks, scheduler="processes", num_workers=n)
         skipped = [s for r in results for s in r]
     for i, reason in skipped:

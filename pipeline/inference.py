@@ -8,13 +8,12 @@ masks pasted into the original image, thresholded at 0.5 -> RLE.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from . import data
-from .batches import CachedImages, annotation_file, category_maps, to_xyxy_pixels
+from .batches import CachedImages, annotation_file, category_maps, image_features, to_xyxy_pixels
 from .cache import FeatureCache
 from .config import Config
 from .evaluate import evaluate_coco, instances_to_coco_json, paste_masks
@@ -23,12 +22,6 @@ from .head import HeadConfig, HungarianMatcher, build_head
 log = logging.getLogger(__name__)
 
 RANDOM_INIT_BANNER = "RANDOM-INIT DETECTOR: these numbers are meaningless (no official weights were used)"
-
-
-def _image_features(head, items, device):
-    return [head.encode_image(it["tokens"].to(device, torch.float32), it["spatial_shapes"].to(device),
-                              it["level_start_index"].to(device), it["c1"].to(device, torch.float32))
-            for it in items]
 
 
 @torch.no_grad()
@@ -50,7 +43,7 @@ def predict_batch(head, postprocess, items: list[dict], maps: dict, cfg: Config,
     """
     if boxes not in ("pred", "gt"):
         raise ValueError(f"boxes must be 'pred' or 'gt', got {boxes!r}")
-    feats = _image_features(head, items, device)
+    feats = image_features(head, items, device)
     sizes = torch.tensor([it["size"] for it in items], dtype=torch.float32, device=device)
     queries, sel_boxes, bidx, chosen = [], [], [], []
     for b, it in enumerate(items):

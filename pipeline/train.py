@@ -15,16 +15,16 @@ import os
 import random
 import subprocess
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .batches import CachedImages, EpochSampler, annotation_file, category_maps, collate_list, to_xyxy_pixels
+from .batches import (CachedImages, EpochSampler, annotation_file, category_maps, collate_list, image_features,
+                      to_xyxy_pixels)
 from .cache import CacheError, FeatureCache
-from .config import Config, config_from_dict, save_config
+from .config import Config, save_config
 from .head import HeadConfig, build_head, mask_targets_in_boxes
 
 log = logging.getLogger(__name__)
@@ -46,15 +46,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def image_features(head, items: list[dict], device, dtype=torch.float32) -> list[torch.Tensor]:
-    """Run the head's image-feature part on each cached image: ``[256, H1, W1]`` per image."""
-    feats = []
-    for it in items:
-        feats.append(head.encode_image(it["tokens"].to(device, dtype), it["spatial_shapes"].to(device),
-                                       it["level_start_index"].to(device), it["c1"].to(device, dtype)))
-    return feats
 
 
 def match_image(matcher, item: dict, column_of: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,5 @@
 """Feature cache: round trip per dtype, chunk ownership, resume/refusal rules, bad stores."""
 
-import numpy as np
 import pytest
 import torch
 import zarr

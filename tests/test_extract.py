@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import zarr
 
 from pipeline.cache import DONE, SKIPPED, FeatureCache

@@ -1,0 +1,123 @@
+"""Stage two on real caches: learning, exact resume after SIGKILL, stale-cache refusal, CLI flow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from pipeline.config import load_config
+from pipeline.head import HeadConfig, build_head
+from pipeline.inference import evaluate_cache
+from pipeline.train import load_checkpoint
+
+from .conftest import REPO, SMALL_HEAD, run_cli
+
+CONFIG = REPO / "configs" / "mfdetr_dino_focalnet_l.yaml"
+
+
+def _sets(extra=()):
+    out = []
+    for s in [*SMALL_HEAD, *extra]:
+        out += ["--set", s]
+    return out
+
+
+def test_short_gt_box_run_beats_untrained_head(tmp_path, small_caches):
+    run = tmp_path / "run"
+    run_cli("train-head", "--cache", small_caches["train"], "--val-cache", small_caches["val"], "--config", CONFIG,
+            *_sets(["train.lr=1e-3", "train.checkpoint_every=1000"]), "--boxes", "gt", "--max-iters", 60,
+            "--batch-size", 2, "--device", "cpu", "--out", run)
+    trained = json.loads((run / "eval" / "metrics.json").read_text())
+    cfg = load_config(CONFIG, list(SMALL_HEAD))
+    torch.manual_seed(0)
+    untrained_head = build_head(HeadConfig.from_dict(cfg.head))[0]
+    untrained = evaluate_cache(untrained_head, cfg, small_caches["val"], tmp_path / "untrained", boxes="gt",
+                               progress=False)
+    assert "RANDOM-INIT" in trained["banner"]
+    print("trained", trained["segm"]["AP"], "untrained", untrained["segm"]["AP"])
+    assert trained["segm"]["AP"] > untrained["segm"]["AP"] + 5.0
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [l["loss"] for l in lines if "loss" in l]
+    assert len(losses) == 60 and sum(losses[-10:]) < sum(losses[:10])
+
+
+def test_sigkill_and_resume_gives_same_weights(tmp_path, small_caches):
+    common = ["train-head", "--cache", small_caches["train"], "--config", CONFIG,
+              *_sets(["train.checkpoint_every=2"]), "--max-iters", 8, "--batch-size", 2, "--device", "cpu"]
+    run_cli(*common, "--out", tmp_path / "straight")
+    killed = tmp_path / "killed"
+    args = [sys.executable, str(REPO / "cli.py"), *map(str, common), "--out", str(killed)]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        ck = killed / "checkpoint.pt"
+        if ck.is_file():
+            try:
+                if load_checkpoint(ck)["step"] >= 4:
+                    break
+            except ValueError:
+                pass
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "head.pt").exists()
+    run_cli(*common, "--resume", "--out", killed)
+    a = load_checkpoint(tmp_path / "straight" / "head.pt")
+    b = load_checkpoint(killed / "head.pt")
+    assert a["step"] == b["step"] == 8
+    for k in a["head"]:
+        assert torch.equal(a["head"][k], b["head"][k]), k
+
+
+def test_evaluate_cli_and_stale_cache_refused(tmp_path, small_caches):
+    run = tmp_path / "run"
+    run_cli("train-head", "--cache", small_caches["train"], "--config", CONFIG, *_sets(), "--max-iters", 2,
+            "--batch-size", 2, "--device", "cpu", "--out", run)
+    res = run_cli("evaluate", "--cache", small_caches["val"], "--checkpoint", run / "head.pt", "--device", "cpu",
+                  "--out", run / "eval")
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert set(metrics["segm"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert "RANDOM-INIT" in res.stdout
+    results = json.loads((run / "eval" / "coco_instances_results.json").read_text())
+    assert results and isinstance(results[0]["segmentation"]["counts"], str)
+    assert max(sum(1 for r in results if r["image_id"] == i) for i in {r["image_id"] for r in results}) <= 100
+    # a head trained on one detector's cache is refused on a cache with another fingerprint
+    ckpt = torch.load(run / "head.pt", weights_only=True)
+    ckpt["fingerprint"]["checkpoint_sha256"] = "0" * 64
+    torch.save(ckpt, run / "other.pt")
+    proc = run_cli("evaluate", "--cache", small_caches["val"], "--checkpoint", run / "other.pt", "--device", "cpu",
+                   "--out", run / "eval2", check=False)
+    assert proc.returncode == 2 and "checkpoint_sha256" in proc.stderr
+
+
+def test_results_do_not_depend_on_batch_size(tmp_path, small_caches):
+    outs = []
+    for bs in (1, 3):
+        run = tmp_path / f"bs{bs}"
+        cfg = load_config(CONFIG, list(SMALL_HEAD) + [f"evaluate.batch_size={bs}"])
+        torch.manual_seed(0)
+        head = build_head(HeadConfig.from_dict(cfg.head))[0]
+        evaluate_cache(head, cfg, small_caches["val"], run, progress=False)
+        outs.append(json.loads((run / "coco_instances_results.json").read_text()))
+    assert outs[0] == outs[1]
+
+
+def test_help_is_complete():
+    import click
+
+    import cli
+
+    for name, cmd in cli.main.commands.items():
+        assert cmd.help and len(cmd.help) > 30, f"{name} has no description"
+        for p in cmd.params:
+            if isinstance(p, click.Option):
+                assert p.help, f"{name} {p.opts} has no help text"
+        out = run_cli(name, "--help").stdout
+        assert out.startswith(f"Usage: cli.py {name}"), name
