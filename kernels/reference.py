@@ -60,16 +60,15 @@ def ms_deform_attn(
     if lq == 0 or n == 0:
         return value.new_zeros((n, lq, m * dh))
     grids = sampling_locations * 2 - 1  # grid_sample coordinates in [-1, 1]
-    sampled = []
+    out = None
     for lvl, (level_value, (h, w)) in enumerate(zip(value.split(sizes, dim=1), spatial_shapes.tolist())):
         # [N, H*W, M, Dh] -> [N*M, Dh, H, W]
         level_value = level_value.permute(0, 2, 3, 1).reshape(n * m, dh, int(h), int(w))
         # [N, Lq, M, P, 2] -> [N*M, Lq, P, 2]
         grid = grids[:, :, :, lvl].transpose(1, 2).reshape(n * m, lq, num_points, 2)
-        sampled.append(
-            F.grid_sample(level_value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        )  # [N*M, Dh, Lq, P]
-    stacked = torch.stack(sampled, dim=-2).flatten(-2)  # [N*M, Dh, Lq, L*P]
-    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, num_levels * num_points)
-    out = (stacked * weights).sum(-1).view(n, m * dh, lq)
-    return out.transpose(1, 2).contiguous()
+        sampled = F.grid_sample(level_value, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # weighted sum over the P points as a batched matmul: [N*M, Lq, Dh, P] @ [N*M, Lq, P, 1]
+        weights = attention_weights[:, :, :, lvl].transpose(1, 2).reshape(n * m, lq, num_points, 1)
+        part = torch.matmul(sampled.permute(0, 2, 1, 3), weights)[..., 0]  # [N*M, Lq, Dh]
+        out = part if out is None else out + part
+    return out.view(n, m, lq, dh).permute(0, 2, 1, 3).reshape(n, lq, m * dh)

@@ -257,11 +257,11 @@ def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: st
             scheduler.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{loss.detach().item():.4f}")
             if step % tc.log_every == 0 or step == total:
                 rec = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                        "grad_norm": float(grad_norm), "time": round(time.time() - t0, 2),
-                       **{k: float(v) for k, v in losses.items()}}
+                       **{k: v.detach().item() for k, v in losses.items()}}
                 metrics_file.write(json.dumps(rec) + "\n")
                 metrics_file.flush()
             if step % tc.checkpoint_every == 0 or step == total:

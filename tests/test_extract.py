@@ -47,6 +47,7 @@ def _assert_same_store(a: Path, b: Path):
 def test_extract_writes_complete_cache(small_caches):
     cache = FeatureCache.open(small_caches["val"])
     assert len(cache) == 10 and cache.done_indices() == list(range(10))
+    assert 58636 in cache.image_ids.tolist()  # a real val2017 image without annotations: extracted like any other
     fp = cache.fingerprint
     assert fp["detector"] == "dino-focalnet" and fp["random_init"] is True
     assert fp["checkpoint_sha256"] == "random-init:seed=0"
