@@ -78,8 +78,9 @@ def test_sigkill_and_resume_gives_same_weights(tmp_path, small_caches):
 
 def test_evaluate_cli_and_stale_cache_refused(tmp_path, small_caches):
     run = tmp_path / "run"
-    run_cli("train-head", "--cache", small_caches["train"], "--config", CONFIG, *_sets(), "--max-iters", 2,
-            "--batch-size", 2, "--device", "cpu", "--out", run)
+    # one spawned DataLoader worker that opens the store itself
+    run_cli("train-head", "--cache", small_caches["train"], "--config", CONFIG, *_sets(["train.num_workers=1"]),
+            "--max-iters", 2, "--batch-size", 2, "--device", "cpu", "--out", run)
     res = run_cli("evaluate", "--cache", small_caches["val"], "--checkpoint", run / "head.pt", "--device", "cpu",
                   "--out", run / "eval")
     metrics = json.loads((run / "eval" / "metrics.json").read_text())

@@ -1,0 +1,86 @@
+"""What one training step per image costs with the cache vs. with the detector in the loop.
+
+Measured side by side in one run, on the same images and settings:
+  (a) the frozen detector's forward (what an epoch would cost per image without the cache),
+  (b) reading the image's cached features back from the Zarr store,
+  (c) the head's forward + backward on that image (GT boxes, the default config).
+Prints seconds per image and the ratios (a)/(b+c) and (b)/(c).
+
+    python benchmarks/bench_cache_vs_detector.py --coco-root ../shared/data/coco --split val2017 \
+        --images 3 --min-size 256 --max-size 384
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from pipeline import data
+from pipeline.batches import CachedImages, annotation_file, category_maps, image_features
+from pipeline.cache import FeatureCache
+from pipeline.config import load_config
+from pipeline.extract import ExtractOptions, build_frozen_detector, run_extract
+from pipeline.head import HeadConfig, build_head
+from pipeline.train import image_sizes_of, training_targets
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@click.command()
+@click.option("--coco-root", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--split", default="val2017")
+@click.option("--images", default=3, show_default=True)
+@click.option("--min-size", default=256, show_default=True)
+@click.option("--max-size", default=384, show_default=True)
+@click.option("--preset", default="large", show_default=True)
+def main(coco_root, split, images, min_size, max_size, preset):
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "bench.zarr"
+        opts = ExtractOptions(out=store, preset=preset, random_init=True, coco_root=coco_root, split=split,
+                              max_images=images, min_size=min_size, max_size=max_size)
+        run_extract(opts)  # builds the cache (not timed)
+        detector, _ = build_frozen_detector(opts)
+        ann_file, image_dir = data.resolve_dataset(coco_root, split)
+        coco = data.load_coco(ann_file)
+        cache = FeatureCache.open(store)
+        t_det = 0.0
+        for image_id in cache.image_ids.tolist():
+            info = coco.imgs[image_id]
+            x = data.preprocess(data.load_image(Path(image_dir) / info["file_name"]), min_size, max_size)
+            t = time.perf_counter()
+            detector.extract(x[None], torch.zeros((1,) + x.shape[1:], dtype=torch.bool), [4], 100)
+            t_det += time.perf_counter() - t
+        del detector
+        cfg = load_config(REPO / "configs" / "mfdetr_dino_focalnet_l.yaml",
+                          [f"head.c1_channels={cache.group['c1'].shape[1]}"])
+        head, criterion, _ = build_head(HeadConfig.from_dict(cfg.head))
+        maps = category_maps(cache.fingerprint, coco)
+        ds = CachedImages(store, cache.done_indices(), 4, annotation_file(cache.fingerprint), with_gt=True)
+        t_read = t_head = 0.0
+        gen = torch.Generator().manual_seed(0)
+        for n in range(len(ds)):
+            t = time.perf_counter()
+            item = ds[n]
+            t_read += time.perf_counter() - t
+            t = time.perf_counter()
+            tg = training_targets([item], criterion.matcher, maps, "gt", criterion.mask_target_size)
+            if tg is not None:
+                out = head(image_features(head, [item], "cpu"), tg["queries"], tg["boxes"], image_sizes_of([item]),
+                           tg["batch_index"])
+                criterion(out, {"masks": tg["masks"], "labels": tg["labels"]}, generator=gen)["loss"].backward()
+            t_head += time.perf_counter() - t
+        n = len(ds)
+        det, read, hd = t_det / n, t_read / n, t_head / n
+        click.echo(f"{n} images at {min_size}/{max_size}, preset {preset}, {torch.get_num_threads()} threads")
+        click.echo(f"(a) detector forward      {det:8.3f} s/image")
+        click.echo(f"(b) cache read (+GT)      {read:8.3f} s/image")
+        click.echo(f"(c) head forward+backward {hd:8.3f} s/image")
+        click.echo(f"detector / (read + head): {det / (read + hd):.2f}x   read / head: {read / hd:.3f}")
+
+
+if __name__ == "__main__":
+    main()
