@@ -88,6 +88,7 @@ class Config:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
+        """Plain nested dict (what checkpoints store and ``config_from_dict`` reads back)."""
         return {"head": copy.deepcopy(self.head), "train": asdict(self.train), "evaluate": asdict(self.evaluate)}
 
 

@@ -76,6 +76,7 @@ class KeyReport:
 
     @property
     def ok(self) -> bool:
+        """True when nothing is missing, unexpected or mis-shaped."""
         return not (self.missing or self.unexpected or self.mismatched)
 
     def format(self, limit: int = 20) -> str:
