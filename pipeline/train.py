@@ -195,7 +195,7 @@ def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: st
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     milestones = sorted({max(1, int(round(f * total))) for f in tc.lr_drops})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=tc.lr_drop_factor)
-    sample_gen = torch.Generator().manual_seed(tc.seed + 1)
+    sample_gen = torch.Generator(device=dev).manual_seed(tc.seed + 1)  # point sampling runs on dev
     step = 0
     ckpt_path = out / "checkpoint.pt"
     if resume:
