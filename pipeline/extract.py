@@ -130,9 +130,12 @@ def _extract_indices(opts: ExtractOptions, indices: list[int], detector=None, co
                      position: int = 0) -> list[tuple[int, str]]:
     """Extract the images at store positions ``indices``; returns ``[(index, reason)]`` skipped.
 
-    Runs in the main process (one worker) or in a dask worker process, which then builds its
-    own detector and opens the store itself.
+    Runs in the main process (``detector`` given) or in a dask worker process, which builds its
+    own detector and opens the store itself. Only the main process writes the store's
+    attributes (the skip reasons); a worker sets the image's own ``done`` flag and returns
+    the reason for the main process to record.
     """
+    in_main = detector is not None
     ann_file, image_dir = data.resolve_dataset(opts.coco_root, opts.split, opts.ann_file, opts.image_dir)
     cache = FeatureCache.open(opts.out, mode="r+")
     if detector is None:
@@ -152,8 +155,11 @@ def _extract_indices(opts: ExtractOptions, indices: list[int], detector=None, co
             if not opts.skip_bad_images:
                 raise
             log.warning("skipping image %d: %s", image_id, e)
-            skipped.append((i, str(e)))
-            cache.group["done"][i] = SKIPPED
+            if in_main:
+                cache.mark_skipped(i, str(e))
+            else:
+                cache.group["done"][i] = SKIPPED
+                skipped.append((i, str(e)))
             continue
         x = data.preprocess(image, opts.min_size, opts.max_size).to(opts.device, dtype)
         mask = torch.zeros((1,) + x.shape[1:], dtype=torch.bool, device=opts.device)
@@ -197,7 +203,7 @@ def run_extract(opts: ExtractOptions) -> dict:
              int((status == DONE).sum()), int((status == SKIPPED).sum()), len(todo))
     start = time.time()
     if opts.workers <= 1 or len(todo) <= 1:
-        skipped = _extract_indices(opts, todo, detector, coco)
+        skipped = _extract_indices(opts, todo, detector, coco)  # reasons already recorded
     else:
         import dask
 
@@ -208,15 +214,16 @@ def run_extract(opts: ExtractOptions) -> dict:
         tasks = [dask.delayed(_extract_indices)(opts, b, None, None, w) for w, b in enumerate(blocks)]
         results = dask.compute(*tasks, scheduler="processes", num_workers=n)
         skipped = [s for r in results for s in r]
-    for i, reason in skipped:
-        cache.mark_skipped(i, reason)
+        for i, reason in skipped:
+            cache.mark_skipped(i, reason)
     seconds = time.time() - start
     status = cache.status()
     n_done = int((status == DONE).sum())
+    n_now = int(sum(status[i] == DONE for i in todo))
     summary = {
         "images": len(cache), "done": n_done, "skipped": int((status == SKIPPED).sum()),
-        "extracted_now": len(todo) - len(skipped), "seconds": round(seconds, 2),
-        "seconds_per_image": round(seconds / max(1, len(todo) - len(skipped)), 3),
+        "extracted_now": n_now, "seconds": round(seconds, 2),
+        "seconds_per_image": round(seconds / max(1, n_now), 3),
         "mb_per_image": round(cache.disk_bytes() / 1e6 / max(1, n_done), 3),
         "random_init": fingerprint["random_init"],
     }
