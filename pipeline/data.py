@@ -135,8 +135,12 @@ def _check_records(ann_file: Path, key: str, records: list, fields: Sequence[str
             raise DataError(f"{ann_file}: {key}[{i}] lacks field(s) {', '.join(missing)}")
 
 
-def load_coco(ann_file: str | Path) -> COCO:
+def load_coco(ann_file: str | Path, require_annotations: bool = True) -> COCO:
     """Read and validate a COCO instances json, return a pycocotools ``COCO`` over it.
+
+    With ``require_annotations=False`` an image-info file without ``annotations`` (COCO
+    test-dev's ``image_info_test-dev2017.json``) is accepted as having none: extraction and
+    ``--format-only`` evaluation need only ``images`` and ``categories``.
 
     The file is parsed once here (so that errors can name it) and handed to pycocotools;
     nothing is modified: image ids, category ids and annotations stay exactly as in the file.
@@ -162,6 +166,8 @@ def load_coco(ann_file: str | Path) -> COCO:
         raise DataError(f"cannot read annotation file {path}: {exc}") from None
     if not isinstance(data, dict):
         raise DataError(f"annotation file {path}: top level is a {type(data).__name__}, expected an object")
+    if not require_annotations and "annotations" not in data:
+        data["annotations"] = []
     for key in REQUIRED_KEYS:
         if key not in data:
             raise DataError(f"annotation file {path} has no {key!r} key (a COCO instances file needs {', '.join(REQUIRED_KEYS)})")

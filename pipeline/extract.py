@@ -141,7 +141,7 @@ def _extract_indices(opts: ExtractOptions, indices: list[int], detector=None, co
     if detector is None:
         detector, _ = build_frozen_detector(opts)
     if coco is None:
-        coco = data.load_coco(ann_file)
+        coco = data.load_coco(ann_file, require_annotations=False)
     skipped = []
     dtype = next(detector.parameters()).dtype
     bar = tqdm(indices, desc="extract", unit="img", position=position, dynamic_ncols=True)
@@ -182,7 +182,7 @@ def run_extract(opts: ExtractOptions) -> dict:
         CheckpointError / ValueError: weights missing or of another model.
     """
     ann_file, image_dir = data.resolve_dataset(opts.coco_root, opts.split, opts.ann_file, opts.image_dir)
-    coco = data.load_coco(ann_file)
+    coco = data.load_coco(ann_file, require_annotations=False)  # test-dev image-info files have none
     image_ids = data.select_image_ids(coco, opts.image_ids, opts.max_images)
     if not 1 <= opts.top_k:
         raise ValueError(f"--top-k must be >= 1, got {opts.top_k}")

@@ -114,7 +114,7 @@ def evaluate_cache(head, cfg: Config, cache_path, out_dir, *, device="cpu", boxe
     """
     cache = FeatureCache.open(cache_path, expected=expected_fingerprint)
     ann = annotation_file(cache.fingerprint, ann_file)
-    coco = data.load_coco(ann)
+    coco = data.load_coco(ann, require_annotations=not format_only)
     maps = category_maps(cache.fingerprint, coco)
     postprocess = build_head(HeadConfig.from_dict(cfg.head))[2]
     matcher = HungarianMatcher()

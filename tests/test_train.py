@@ -16,7 +16,7 @@ from pipeline.head import HeadConfig, build_head
 from pipeline.inference import evaluate_cache
 from pipeline.train import load_checkpoint
 
-from .conftest import REPO, SMALL_HEAD, run_cli
+from .conftest import COCO_ROOT, REPO, SMALL_EXTRACT, SMALL_HEAD, run_cli
 
 CONFIG = REPO / "configs" / "mfdetr_dino_focalnet_l.yaml"
 
@@ -91,6 +91,18 @@ def test_evaluate_cli_and_stale_cache_refused(tmp_path, small_caches):
     # the image without annotations gets predictions (false positives, as COCOeval counts them)
     assert any(r["image_id"] == 58636 for r in results)
     assert max(sum(1 for r in results if r["image_id"] == i) for i in {r["image_id"] for r in results}) <= 100
+    # test-dev style: an image-info file without annotations; --format-only writes results, no metrics
+    info = json.loads((COCO_ROOT / "annotations" / "instances_val2017.json").read_text())
+    info.pop("annotations")
+    info["images"] = sorted(info["images"], key=lambda im: im["id"])[10:12]
+    (tmp_path / "image_info.json").write_text(json.dumps(info))
+    run_cli("extract", *SMALL_EXTRACT, "--ann-file", tmp_path / "image_info.json", "--image-dir",
+            COCO_ROOT / "val2017", "--out", tmp_path / "testdev.zarr")
+    run_cli("evaluate", "--cache", tmp_path / "testdev.zarr", "--checkpoint", run / "head.pt", "--device", "cpu",
+            "--format-only", "--out", run / "testdev")
+    dev_results = json.loads((run / "testdev" / "coco_instances_results.json").read_text())
+    assert {r["image_id"] for r in dev_results} == {im["id"] for im in info["images"]}
+    assert not (run / "testdev" / "metrics.json").exists()
     # a head trained on one detector's cache is refused on a cache with another fingerprint
     ckpt = torch.load(run / "head.pt", weights_only=True)
     ckpt["fingerprint"]["checkpoint_sha256"] = "0" * 64
