@@ -70,7 +70,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             raise CheckpointError(
                 f"{path}: refusing to unpickle global {name!r} (weights_only=True allows plain data and "
                 f"argparse.Namespace only); convert the file to a state_dict-only checkpoint offline") from e
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        # torch's own message suggests weights_only=False, which we never do on downloaded files:
+        # keep only the pickle's complaint.
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|Check the documentation|$)", str(e), re.S)
+        reason = detail.group(1).strip() if detail else str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (unpickling failed: {reason})") from e
     except FileNotFoundError:
         raise
     except Exception as e:  # torch.load raises many types on non-torch bytes (IndexError, EOFError, ...)
