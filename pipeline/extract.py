@@ -114,6 +114,19 @@ def make_fingerprint(opts: ExtractOptions, detector, checkpoint_sha: str, ann_fi
     }
 
 
+def _log_class_mapping(column_to_category: dict[int, int], coco) -> None:
+    """Print the detector's logit column -> dataset category mapping (the 91-vs-80 pitfall)."""
+    names = {int(c["id"]): c["name"] for c in coco.dataset["categories"]}
+    log.info("class mapping: %d logit columns -> category ids (%s)", len(column_to_category),
+             "identity" if all(k == v for k, v in column_to_category.items()) else "remapped")
+    for col, cat in sorted(column_to_category.items()):
+        log.debug("  logit column %3d -> category_id %3d %s", col, cat, names.get(cat, "(not in this dataset)"))
+    missing = sorted(set(names) - set(column_to_category.values()))
+    if missing:
+        log.warning("dataset categories %s have no logit column in this detector: the head cannot be "
+                    "trained for them", missing)
+
+
 def _layouts(coco, image_ids, detector, min_size, max_size) -> list[ImageLayout]:
     layouts = []
     for image_id in image_ids:
@@ -193,6 +206,7 @@ def run_extract(opts: ExtractOptions) -> dict:
     if bad:
         raise ValueError(f"--encoder-layers {bad} out of range 1..{detector.num_encoder_layers}")
     fingerprint = make_fingerprint(opts, detector, sha, ann_file)
+    _log_class_mapping(detector.class_to_category_id(), coco)
     layouts = _layouts(coco, image_ids, detector, opts.min_size, opts.max_size)
     cache = FeatureCache.create_or_resume(
         opts.out, fingerprint, layouts, top_k=opts.top_k, hidden_dim=detector.hidden_dim,
