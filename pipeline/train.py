@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import data
 from .batches import (CachedImages, EpochSampler, annotation_file, category_maps, collate_list, image_features,
                       to_xyxy_pixels)
 from .cache import CacheError, FeatureCache
@@ -169,8 +170,6 @@ def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: st
     if val_cache is not None:
         FeatureCache.open(val_cache, expected=cache.fingerprint)  # refuse a stale/foreign val cache early
     ann = annotation_file(cache.fingerprint, ann_file)
-    from . import data
-
     coco = data.load_coco(ann)
     maps = category_maps(cache.fingerprint, coco)
     head_cfg = HeadConfig.from_dict(cfg.head)
@@ -179,11 +178,7 @@ def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: st
                          "dataset categories")
     head, criterion, _ = build_head(head_cfg)
     head.to(dev)
-    matcher = criterion.matcher if hasattr(criterion, "matcher") else None
-    if matcher is None:
-        from .head import HungarianMatcher
-
-        matcher = HungarianMatcher()
+    matcher = criterion.matcher
 
     done = cache.done_indices()
     indices = [i for i in done if len(coco.getAnnIds(imgIds=int(cache.image_ids[i]), iscrowd=False)) > 0]
@@ -202,8 +197,7 @@ def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: st
         if not ckpt_path.is_file():
             raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = load_checkpoint(ckpt_path)
-        if ckpt["config"] != cfg.to_dict() and json.dumps(ckpt["config"], sort_keys=True, default=list) != json.dumps(
-                cfg.to_dict(), sort_keys=True, default=list):
+        if json.dumps(ckpt["config"], sort_keys=True) != json.dumps(cfg.to_dict(), sort_keys=True):
             raise ValueError(f"--resume: {ckpt_path} was written with another config; use the same config "
                              "and overrides, or a new --out")
         head.load_state_dict(ckpt["head"])
