@@ -3,7 +3,8 @@
 The official training scripts (FocalNet-DINO ``main.py``, H-Deformable-DETR ``main.py``) save
 ``{'model': state_dict, 'optimizer': ..., 'lr_scheduler': ..., 'epoch': int, 'args': argparse.Namespace}``.
 ``torch.load(weights_only=True)`` refuses the pickled ``Namespace`` unless it is allow-listed, so
-the file is read with ``weights_only=True`` inside ``torch.serialization.safe_globals([argparse.Namespace])``
+the file is read with ``weights_only=True`` inside ``torch.serialization.safe_globals`` of
+``argparse.Namespace`` and numpy's plain-data classes (see ``_allowed_globals``)
 and never with ``weights_only=False``.  A ``module.`` prefix (DistributedDataParallel) is stripped
 as ``util.utils.clean_state_dict`` does.
 
@@ -40,6 +41,20 @@ def _unsupported_global(message: str) -> str | None:
     return m.group(1) if m else None
 
 
+def _allowed_globals() -> list:
+    """Plain-data classes a training checkpoint's ``args`` may hold besides builtins.
+
+    ``argparse.Namespace`` (the official ``args`` entry) and numpy scalars / arrays / dtypes
+    (hyper-parameters saved as numpy values). Everything else is refused by the weights-only
+    unpickler; code is never executed.
+    """
+    import numpy as np
+
+    multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray
+    dtype_classes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return [argparse.Namespace, multiarray.scalar, multiarray._reconstruct, np.ndarray, np.dtype, *dtype_classes]
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read the model ``state_dict`` from a checkpoint file, safely.
 
@@ -62,7 +77,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(_allowed_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         name = _unsupported_global(str(e))

@@ -262,6 +262,18 @@ def test_official_checkpoint_layout_loads_weights_only(tmp_path, small_pair):
     assert torch.equal(target64.transformer.level_embed, sd16["transformer.level_embed"].double())
 
 
+def test_numpy_values_in_args_are_plain_data(tmp_path, small_pair):
+    import numpy as np
+
+    src, dst = small_pair
+    ckpt = _official_like(src.state_dict())
+    ckpt["args"].np_scalar, ckpt["args"].np_array, ckpt["args"].np_dtype = np.float64(0.1), np.arange(3), np.dtype("f4")
+    path = tmp_path / "numpy_args.pth"
+    torch.save(ckpt, path)
+    target = copy.deepcopy(dst)
+    assert target.load_checkpoint(str(path)).ok and _same_weights(src, target)
+
+
 def test_bare_and_module_prefixed_and_single_alias_load(tmp_path, small_pair):
     src, dst = small_pair
     sd = src.state_dict()
