@@ -57,6 +57,11 @@ COMPATIBILITY_KEYS = ("detector", "detector_config", "checkpoint_sha256", "prepr
                       "encoder_layers", "top_k")
 
 
+#: Printed above every table and stored in metrics files of a cache whose fingerprint says
+#: ``random_init`` (no official weights): the numbers only show that the pipeline runs.
+RANDOM_INIT_BANNER = "RANDOM-INIT DETECTOR (no official weights): these numbers are meaningless"
+
+
 class CacheError(ValueError):
     """A cache that cannot be used as asked: wrong format, stale fingerprint, missing image."""
 

@@ -216,8 +216,14 @@ def config_from_dict(raw: dict, where: str = "config") -> Config:
         HeadConfig.from_dict(head)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: head: {e}") from None
+    evaluate = _dataclass_from(EvalConfig, raw.get("evaluate") or {}, f"{where}: evaluate")
+    if evaluate.top_n < 1 or evaluate.batch_size < 1:
+        raise ConfigError(f"{where}: evaluate.top_n and evaluate.batch_size must be >= 1, "
+                          f"got {evaluate.top_n} and {evaluate.batch_size}")
+    if not 0.0 < evaluate.mask_threshold < 1.0:
+        raise ConfigError(f"{where}: evaluate.mask_threshold must be in (0, 1), got {evaluate.mask_threshold}")
     return Config(head=dict(head), train=_dataclass_from(TrainConfig, raw.get("train") or {}, f"{where}: train"),
-                  evaluate=_dataclass_from(EvalConfig, raw.get("evaluate") or {}, f"{where}: evaluate"))
+                  evaluate=evaluate)
 
 
 def save_config(cfg: Config, path: Path) -> None:

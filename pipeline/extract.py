@@ -18,15 +18,11 @@ import torch
 from tqdm import tqdm
 
 from . import data
-from .cache import DONE, PENDING, SKIPPED, FeatureCache, ImageLayout
+from .cache import DONE, PENDING, RANDOM_INIT_BANNER, SKIPPED, FeatureCache, ImageLayout
 from .detectors import build_detector
 from .utils import file_sha256
 
 log = logging.getLogger(__name__)
-
-RANDOM_INIT_BANNER = ("RANDOM-INIT DETECTOR (no --weights): every number below is meaningless; "
-                      "it only shows that the pipeline runs")
-
 
 @dataclass
 class ExtractOptions:

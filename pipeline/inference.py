@@ -14,14 +14,12 @@ from tqdm import tqdm
 
 from . import data
 from .batches import CachedImages, annotation_file, category_maps, image_features, to_xyxy_pixels
-from .cache import FeatureCache
+from .cache import RANDOM_INIT_BANNER, FeatureCache
 from .config import Config
 from .evaluate import evaluate_coco, instances_to_coco_json, paste_masks
 from .head import HeadConfig, HungarianMatcher, build_head
 
 log = logging.getLogger(__name__)
-
-RANDOM_INIT_BANNER = "RANDOM-INIT DETECTOR: these numbers are meaningless (no official weights were used)"
 
 
 @torch.no_grad()

@@ -41,5 +41,11 @@ def test_overrides_base_and_errors(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["train.lr"])
+    with pytest.raises(ConfigError, match="evaluate.top_n"):
+        load_config(None, ["evaluate.top_n=0"])
+    with pytest.raises(ConfigError, match="mask_threshold"):
+        load_config(None, ["evaluate.mask_threshold=1.5"])
+    with pytest.raises(ConfigError, match="unknown HeadConfig keys.*top_n"):  # one home for top_n: evaluate
+        load_config(None, ["head.top_n=50"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")

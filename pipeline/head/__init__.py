@@ -41,7 +41,7 @@ def build_head(cfg: HeadConfig | dict | None = None) -> tuple[MaskFrozenDetrHead
                               cfg.loss_bce_weight, cfg.loss_dice_weight,
                               cfg.loss_iou_weight if cfg.mask_scoring else 0.0,
                               target_size=cfg.target_size, matcher=build_matcher(cfg))
-    return head, criterion, PostProcess(cfg.top_n)
+    return head, criterion, PostProcess()  # top_n is an evaluation setting, passed per call
 
 
 def build_matcher(cfg: HeadConfig | dict | None = None) -> HungarianMatcher:

@@ -80,10 +80,9 @@ class HeadConfig:
     Attributes:
         cost_class, cost_bbox, cost_giou: 2.0 / 5.0 / 2.0; focal_alpha 0.25, focal_gamma 2.0.
 
-    Post-processing:
+    Kernels (how many detections are kept per image is ``evaluate.top_n``, :class:`pipeline.config.EvalConfig`):
 
     Attributes:
-        top_n: detections kept per image (100).
         deform_impl: implementation of the deformable-attention op (``kernels.ops``).
     """
 
@@ -134,8 +133,7 @@ class HeadConfig:
     cost_giou: float = 2.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
-    # post-processing / kernels
-    top_n: int = 100
+    # kernels
     deform_impl: str = "reference"
 
     def __post_init__(self) -> None:
@@ -152,7 +150,7 @@ class HeadConfig:
         if self.activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {self.activation!r}")
         for name in ("hidden_dim", "c1_channels", "num_feature_levels", "roi_size", "box_dim",
-                     "target_size", "num_points", "num_score_classes", "top_n"):
+                     "target_size", "num_points", "num_score_classes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("image_encoder_layers", "box_encoder_layers", "roi_sampling_ratio"):
