@@ -469,10 +469,8 @@ class DINOTransformer(nn.Module):
         refpoint_unsig = torch.gather(coord_unselected, 1, topk_indices.unsqueeze(-1).expand(-1, -1, 4))
         init_box_proposal = torch.gather(output_proposals, 1, topk_indices.unsqueeze(-1).expand(-1, -1, 4)).sigmoid()
         hs_enc = torch.gather(output_memory, 1, topk_indices.unsqueeze(-1).expand(-1, -1, self.d_model))
-        tgt = self.tgt_embed.weight[None].expand(bs, -1, -1)
-
-        hs, references = self.decoder(tgt, memory, mask_flatten, refpoint_unsig.detach(), spatial_shapes,
-                                      level_start_index, valid_ratios)
+        hs, references = self.decode(memory, mask_flatten, refpoint_unsig.detach(), spatial_shapes,
+                                     level_start_index, valid_ratios)
         return {
             "spatial_shapes": spatial_shapes,
             "level_start_index": level_start_index,
@@ -491,6 +489,35 @@ class DINOTransformer(nn.Module):
             "hs_enc": hs_enc,
             "enc_outputs_class": self.enc_out_class_embed(hs_enc),
             "enc_outputs_coord": refpoint_unsig.sigmoid(),
-            "hs": torch.stack(hs),
-            "references": torch.stack(references),
+            "hs": hs,
+            "references": references,
         }
+
+    def decode(self, memory: Tensor, mask_flatten: Tensor, refpoint_unsig: Tensor, spatial_shapes: Tensor,
+               level_start_index: Tensor, valid_ratios: Tensor) -> tuple[Tensor, Tensor]:
+        """The decoder from given initial boxes, with the learnt content queries ``tgt_embed``.
+
+        The part of :meth:`forward` after the two-stage selection (official
+        ``DeformableTransformer.forward`` from ``self.decoder(...)`` on, ``embed_init_tgt=True``).
+        Exposed so that the decoder can be checked on its own, from another run's initial boxes.
+
+        Args:
+            memory: ``[B, S, D]`` encoder output; mask_flatten: ``[B, S]`` bool (True = padding).
+            refpoint_unsig: ``[B, Q, 4]`` initial boxes as logits (cxcywh, valid-region normalized;
+                ``+inf`` for invalid proposals, as the official code lets them through).
+            spatial_shapes: ``[L, 2]`` int64; level_start_index: ``[L]`` int64;
+            valid_ratios: ``[B, L, 2]`` float32 ``(w, h)``.
+
+        Returns:
+            ``(hs [n_dec, B, Q, D]`` after the final decoder norm, ``references [n_dec+1, B, Q, 4]`` sigmoid).
+
+        Raises:
+            ValueError: ``Q`` differs from ``num_queries``.
+        """
+        bs, num_queries = refpoint_unsig.shape[:2]
+        if num_queries != self.num_queries:
+            raise ValueError(f"refpoint_unsig has {num_queries} queries, the decoder has {self.num_queries}")
+        tgt = self.tgt_embed.weight[None].expand(bs, -1, -1)
+        hs, references = self.decoder(tgt, memory, mask_flatten, refpoint_unsig, spatial_shapes,
+                                      level_start_index, valid_ratios)
+        return torch.stack(hs), torch.stack(references)

@@ -221,14 +221,27 @@ class DINOFocalNet(nn.Module):
             masks.append(m)
             poss.append(pos_embed(m, dtype))
         out = self.transformer(srcs, masks, poss)
-        hs, refs = out["hs"], out["references"]
-        logits = torch.stack([self.class_embed[i](hs[i]) for i in range(hs.shape[0])])
-        boxes = torch.stack([(self.bbox_embed[i](hs[i]) + inverse_sigmoid(refs[i])).sigmoid()
-                             for i in range(hs.shape[0])])
+        logits, boxes = self.predict(out["hs"], out["references"])
         out.update(backbone_features=feats, masks=masks, srcs=srcs, pos_embeds=poss,
                    all_pred_logits=logits, all_pred_boxes=boxes, pred_logits=logits[-1], pred_boxes=boxes[-1],
-                   hs_last=hs[-1])
+                   hs_last=out["hs"][-1])
         return out
+
+    def predict(self, hs: Tensor, references: Tensor) -> tuple[Tensor, Tensor]:
+        """Class and box heads on every decoder layer (official ``DINO.forward`` after the transformer).
+
+        Args:
+            hs: ``[n_dec, B, Q, D]`` decoder outputs after the final decoder norm.
+            references: ``[n_dec+1, B, Q, 4]`` sigmoid cxcywh boxes (layer ``l`` refines ``references[l]``).
+
+        Returns:
+            ``(logits [n_dec, B, Q, C], boxes [n_dec, B, Q, 4])``, boxes sigmoid cxcywh normalized to the
+            valid image: ``sigmoid(bbox_embed[l](hs[l]) + inverse_sigmoid(references[l]))``.
+        """
+        logits = torch.stack([self.class_embed[i](hs[i]) for i in range(hs.shape[0])])
+        boxes = torch.stack([(self.bbox_embed[i](hs[i]) + inverse_sigmoid(references[i])).sigmoid()
+                             for i in range(hs.shape[0])])
+        return logits, boxes
 
     def extract(self, images: Tensor, mask: Tensor, encoder_layers: list[int], top_k: int) -> list[Extracted]:
         """Frozen forward (under ``torch.inference_mode``) -> one :class:`Extracted` per image.
