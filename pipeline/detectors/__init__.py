@@ -10,9 +10,15 @@ from collections.abc import Callable
 from torch import nn
 
 from pipeline.detectors.dino_focalnet import DINOFocalNet, build_dino_focalnet
+from pipeline.detectors.hdetr import HDETR, build_hdetr_r50, build_hdetr_swin_l
 
-#: name -> builder(**kwargs) returning an ``nn.Module`` implementing :class:`pipeline.detectors.base.Detector`.
-DETECTORS: dict[str, Callable[..., nn.Module]] = {"dino-focalnet": build_dino_focalnet}
+#: name -> builder(preset=..., **kwargs) returning an ``nn.Module`` implementing
+#: :class:`pipeline.detectors.base.Detector`; each builder's default preset is the official release.
+DETECTORS: dict[str, Callable[..., nn.Module]] = {
+    "dino-focalnet": build_dino_focalnet,
+    "hdetr-r50": build_hdetr_r50,
+    "hdetr-swin-l": build_hdetr_swin_l,
+}
 
 
 def build_detector(name: str, **kw) -> nn.Module:
@@ -28,4 +34,5 @@ def build_detector(name: str, **kw) -> nn.Module:
     return builder(**kw)
 
 
-__all__ = ["DETECTORS", "DINOFocalNet", "build_detector", "build_dino_focalnet"]
+__all__ = ["DETECTORS", "DINOFocalNet", "HDETR", "build_detector", "build_dino_focalnet", "build_hdetr_r50",
+           "build_hdetr_swin_l"]

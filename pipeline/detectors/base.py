@@ -65,6 +65,9 @@ class KeyReport:
         unexpected: keys the file has and the model lacks (after known aliases are dropped).
         mismatched: ``(key, file_shape, model_shape)`` for keys present in both with other shapes.
         aliases_checked: tied alias keys that were compared equal and dropped.
+        ignored: keys the file has, the model lacks, and the detector declares ignorable (H-DETR:
+            the ``thop`` profiler's ``*total_params`` / ``*total_ops``, as its official loader does).
+        ignored_reason: what the ignored keys are (printed with them).
         num_params: number of (unique) parameters of the model.
     """
 
@@ -72,6 +75,8 @@ class KeyReport:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
     aliases_checked: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    ignored_reason: str = ""
     num_params: int = 0
 
     @property
@@ -91,6 +96,11 @@ class KeyReport:
         lines += [f"  {k}: file {tuple(a)} vs model {tuple(b)}" for k, a, b in self.mismatched[:limit]]
         if self.aliases_checked:
             lines.append(f"tied aliases checked equal and dropped: {len(self.aliases_checked)}")
+        if self.ignored:
+            lines.append(f"ignored keys ({self.ignored_reason}): {len(self.ignored)}")
+            lines += [f"  {k}" for k in self.ignored[:limit]]
+            if len(self.ignored) > limit:
+                lines.append(f"  ... and {len(self.ignored) - limit} more")
         lines.append("OK" if self.ok else "MISMATCH")
         return "\n".join(lines)
 
