@@ -354,6 +354,7 @@ class HDETR(nn.Module):
             num_queries_one2many=num_queries_one2many, num_classes=num_classes, swin_embed_dim=swin_embed_dim,
             swin_depths=[int(d) for d in swin_depths], swin_num_heads=[int(h) for h in swin_num_heads],
             swin_window_size=swin_window_size, category_ids=[int(c) for c in category_ids], impl=impl)
+        self.name = "hdetr-r50" if backbone == "resnet50" else "hdetr-swin-l"  # the registry name
         self.hidden_dim = hidden_dim
         self.num_classes = num_classes
         self.num_queries = num_queries_one2one
