@@ -274,6 +274,13 @@ PRESETS: dict[str, dict] = {
 }
 
 
+#: Released checkpoints per preset: file name and COCO val box AP (what ``cli.py detectors`` lists).
+RELEASES: dict[str, dict] = {
+    "large": {"checkpoint": "focalnet_large_fl4_o365_finetuned_on_coco.pth", "box_ap": 63.2,
+              "box_ap_source": "Mask Frozen-DETR paper, Table 6 (Objects365 pre-training)"},
+}
+
+
 def build_dino_focalnet(preset: str = "large", **overrides) -> DINOFocalNet:
     """Build :class:`DINOFocalNet` from a named preset (:data:`PRESETS`) plus keyword overrides.
 

@@ -528,6 +528,22 @@ PRESETS_SWIN_L: dict[str, dict] = {
 }
 
 
+_TRICKS = "hybrid_branch_lambda1_group6_t1500{n900}_dp0_mqs_lft_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage_36eps.pth"
+#: Released checkpoints per preset (HDETR/H-Deformable-DETR v0.1 release assets) and their COCO val box AP
+#: as the repository's README gives it (ImageNet pre-training). The paper's H-DETR models were
+#: Objects365-pretrained: 52.2 (R50) and 62.3 (Swin-L) box AP (paper Sec. 3.1 / Table 6).
+RELEASES_R50: dict[str, dict] = {
+    "release": {"checkpoint": "r50_" + _TRICKS.format(n900=""), "box_ap": 50.0,
+                "box_ap_source": "H-Deformable-DETR README (36 epochs); the paper's Objects365 model: 52.2"},
+}
+RELEASES_SWIN_L: dict[str, dict] = {
+    "release": {"checkpoint": "drop_path0.5_swin_large_" + _TRICKS.format(n900=""), "box_ap": 57.1,
+                "box_ap_source": "H-Deformable-DETR README (36 epochs); the paper's Objects365 model: 62.3"},
+    "n900": {"checkpoint": "drop_path0.5_swin_large_" + _TRICKS.format(n900="_n900"), "box_ap": 57.4,
+             "box_ap_source": "H-Deformable-DETR README (36 epochs, 900 queries)"},
+}
+
+
 def _build(presets: dict[str, dict], preset: str, overrides: dict) -> HDETR:
     if preset not in presets:
         raise ValueError(f"unknown preset {preset!r}; known: {sorted(presets)}")
