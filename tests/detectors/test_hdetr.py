@@ -389,3 +389,31 @@ def test_dino_checkpoint_is_refused_naming_the_keys(tmp_path, golden):
     assert ("transformer.level_embed", (5, 256), (4, 256)) in report.mismatched
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())  # nothing loaded
 
+
+
+def test_swin_matches_the_official_swin():
+    """Our Swin against the official H-DETR ``swin_transformer.py`` (reduced: embed 8, depths 1/1/2/1; inputs
+    not multiples of the patch or window size). Reference from ``data/make_swin_reference.py``."""
+    from pathlib import Path
+
+    from pipeline.detectors.swin import SwinTransformer
+
+    ref = torch.load(Path(__file__).parent / "data" / "swin_official_reference.pt", weights_only=True)
+    cfg = ref["config"]
+    model = SwinTransformer(embed_dim=cfg["embed_dim"], depths=cfg["depths"], num_heads=cfg["num_heads"],
+                            window_size=cfg["window_size"], out_indices=(1, 2, 3)).eval()
+    ours = model.state_dict()
+    assert list(ours) == list(ref["state_dict"])  # same keys, same order
+    # the official relative_position_index buffers equal ours before loading
+    assert all(torch.equal(ours[k], v) for k, v in ref["state_dict"].items() if not v.is_floating_point())
+    report = load_state_dict_checked(model, ref["state_dict"], strict=True)
+    assert report.ok
+    for dtype, atol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        model.to(dtype)
+        for x, expected in zip(ref["inputs"], ref["outputs"][str(dtype).removeprefix("torch.")]):
+            with torch.inference_mode():
+                got = model(x.to(dtype))
+            assert len(got) == len(expected) == 4
+            for a, b in zip(got, expected):
+                assert a.shape == b.shape and a.dtype == b.dtype
+                torch.testing.assert_close(a, b, atol=atol, rtol=atol)
