@@ -269,7 +269,8 @@ def params(config_path, overrides, widths_of):
 @click.option("--min-size", default=800, show_default=True, help="Image size the cache estimate assumes: shorter side.")
 @click.option("--max-size", default=1333, show_default=True, help="... and longer side (the largest default input).")
 @click.option("--top-k", default=100, show_default=True, help="Queries per image in the cache estimate.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True,
+              help="Feature dtype of the cache estimate (as extract --dtype).")
 @click.option("--all", "show_all", is_flag=True, help="Also list the reduced test presets.")
 def detectors(min_size, max_size, top_k, dtype, show_all):
     """List the supported detectors: presets, checkpoint files, box AP, head widths and cache size per image.

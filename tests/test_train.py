@@ -122,7 +122,8 @@ def test_results_do_not_depend_on_batch_size(tmp_path, small_caches):
         run = tmp_path / f"bs{bs}"
         cfg = load_config(CONFIG, list(SMALL_HEAD) + [f"evaluate.batch_size={bs}"])
         torch.manual_seed(0)
-        head = build_head(HeadConfig.from_dict(cfg.head).with_widths(**FeatureCache.open(small_caches["val"]).feature_widths))[0]
+        widths = FeatureCache.open(small_caches["val"]).feature_widths
+        head = build_head(HeadConfig.from_dict(cfg.head).with_widths(**widths))[0]
         evaluate_cache(head, cfg, small_caches["val"], run, progress=False)
         outs.append(json.loads((run / "coco_instances_results.json").read_text()))
     assert outs[0] == outs[1]
