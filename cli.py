@@ -82,9 +82,11 @@ def main(verbose):
 
 # ----------------------------------------------------------------------------------- extract
 @main.command()
-@click.option("--detector", default="dino-focalnet", show_default=True, help="Detector registry name.")
-@click.option("--preset", default="large", show_default=True,
-              help="Architecture preset: 'large' = the official release; 'golden-small' = the reduced test model.")
+@click.option("--detector", default="dino-focalnet", show_default=True,
+              help="Detector registry name: dino-focalnet, hdetr-r50, hdetr-swin-l (see `cli.py detectors`).")
+@click.option("--preset", default=None,
+              help="Architecture preset (default: the detector's official release; 'golden-small' = reduced test model; "
+                   "see `cli.py detectors`).")
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
               help="Official checkpoint (.pth with a 'model' dict, or a bare state_dict).")
 @click.option("--random-init", is_flag=True,
@@ -102,7 +104,8 @@ def main(verbose):
 @click.option("--max-size", default=1333, show_default=True, help="Test-time resize: cap on the longer side, pixels.")
 @click.option("--encoder-layers", default="4", show_default=True, callback=_int_list,
               help="Encoder layers to store, counted from 1 (6 = the memory the decoder reads); comma-separated.")
-@click.option("--top-k", default=100, show_default=True, help="Queries kept per image, by best class score (<= 900).")
+@click.option("--top-k", default=100, show_default=True,
+              help="Queries kept per image, by best class score (<= the detector's queries: 900 DINO, 300 H-DETR).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
               show_default=True, help="Stored feature dtype.")
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
@@ -132,13 +135,18 @@ def extract(**kw):
 
 # ----------------------------------------------------------------------------- check-weights
 @main.command("check-weights")
-@click.option("--detector", default="dino-focalnet", show_default=True, help="Detector registry name.")
-@click.option("--preset", default="large", show_default=True, help="Architecture preset ('large' = official release).")
+@click.option("--detector", default="dino-focalnet", show_default=True,
+              help="Detector registry name: dino-focalnet, hdetr-r50, hdetr-swin-l.")
+@click.option("--preset", default=None, help="Architecture preset (default: the detector's official release).")
 @click.option("--weights", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Checkpoint file to check (.pth with a 'model' dict, or a bare state_dict).")
 @friendly_errors
 def check_weights(detector, preset, weights):
-    """Load a checkpoint into the detector and print the key report (exit 1 on any mismatch)."""
+    """Load a checkpoint into the detector and print the key report (exit 1 on any mismatch).
+
+    H-DETR files may carry the thop profiler's *total_params / *total_ops keys; they are ignored
+    (as the official loader does) and listed under "ignored keys".
+    """
     from pipeline.detectors import build_detector
 
     model = build_detector(detector, preset=preset)
@@ -235,18 +243,67 @@ def evaluate(cache, checkpoint, boxes, device, ann_file, format_only, overrides,
               default=Path(__file__).parent / "configs" / "mfdetr_dino_focalnet_l.yaml", show_default=True,
               help="Experiment YAML whose head is counted.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field (repeatable).")
+@click.option("--widths", "widths_of", metavar="DETECTOR[:PRESET]",
+              help="Take the head's input widths (C1 channels, encoder levels) from this detector's cache layout, "
+                   "e.g. dino-focalnet, hdetr-r50, hdetr-swin-l (train-head reads them from the cache instead).")
 @friendly_errors
-def params(config_path, overrides):
-    """Count the trainable parameters of the head a config builds (the paper's ▲#params)."""
+def params(config_path, overrides, widths_of):
+    """Count the trainable parameters of the head a config builds (the paper's ▲#params).
+
+    The head's input widths depend on the detector, so name it with --widths (or set
+    head.c1_channels and head.num_feature_levels with --set).
+    """
     from pipeline.config import load_config
     from pipeline.head import HeadConfig, build_head, count_parameters, parameter_table
 
     cfg = load_config(config_path, list(overrides))
-    head = build_head(HeadConfig.from_dict(cfg.head))[0]
+    head_cfg = HeadConfig.from_dict(cfg.head)
+    if widths_of is not None:
+        from pipeline.detectors import detector_widths
+
+        name, _, preset = widths_of.partition(":")
+        head_cfg = head_cfg.with_widths(**detector_widths(name, preset or None), source=f"--widths {widths_of}")
+    elif not head_cfg.has_widths:
+        raise ValueError("the head's input widths depend on the detector: pass --widths DETECTOR "
+                         "(dino-focalnet, hdetr-r50, hdetr-swin-l) or --set head.c1_channels=... "
+                         "--set head.num_feature_levels=...")
+    click.echo(f"widths: c1_channels={head_cfg.c1_channels}, num_feature_levels={head_cfg.num_feature_levels}")
+    head = build_head(head_cfg)[0]
     for name, n in parameter_table(head):
         click.echo(f"{name:<40s} {n:>12,d}")
     total = count_parameters(head)
     click.echo(f"{'total':<40s} {total:>12,d}  ({total / 1e6:.2f} M)")
+
+
+# --------------------------------------------------------------------------------- detectors
+@main.command()
+@click.option("--min-size", default=800, show_default=True, help="Image size the cache estimate assumes: shorter side.")
+@click.option("--max-size", default=1333, show_default=True, help="... and longer side (the largest default input).")
+@click.option("--top-k", default=100, show_default=True, help="Queries per image in the cache estimate.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True,
+              help="Feature dtype of the cache estimate (as extract --dtype).")
+@click.option("--all", "show_all", is_flag=True, help="Also list the reduced test presets.")
+def detectors(min_size, max_size, top_k, dtype, show_all):
+    """List the supported detectors: presets, checkpoint files, box AP, head widths and cache size per image.
+
+    Cache MB/image is the uncompressed size of one min-size x max-size image with --top-k queries and
+    one stored encoder layer (Blosc usually shrinks it); C1 / L are the head's input widths.
+    """
+    from pipeline.detectors import describe_detectors
+
+    rows = describe_detectors(min_size, max_size, top_k=top_k, encoder_layers=1, dtype=dtype)
+    header = f"{'detector':<14s} {'preset':<13s} {'box AP':>6s} {'cache MB/img':>12s} {'C1':>4s} {'L':>2s} " \
+             f"{'queries':>7s} {'params':>9s}  checkpoint"
+    click.echo(header)
+    for r in rows:
+        if not (r["release"] or show_all):
+            continue
+        ap = f"{r['box_ap']:.1f}" if r["box_ap"] is not None else "-"
+        click.echo(f"{r['detector']:<14s} {r['preset']:<13s} {ap:>6s} {r['cache_mb_per_image']:>12.1f} "
+                   f"{r['c1_channels']:>4d} {r['num_feature_levels']:>2d} {r['num_queries']:>7d} "
+                   f"{r['params_m']:>8.1f}M  {r['checkpoint'] or '(test preset, no release)'}")
+    click.echo("box AP: COCO val2017. " + "; ".join(sorted({f"{r['detector']}: {r['box_ap_source']}"
+                                                              for r in rows if r["box_ap_source"]})))
 
 
 # --------------------------------------------------------------------------------------- env

@@ -55,9 +55,8 @@ def main(coco_root, split, images, min_size, max_size, preset):
             detector.extract(x[None], torch.zeros((1,) + x.shape[1:], dtype=torch.bool), [4], 100)
             t_det += time.perf_counter() - t
         del detector
-        cfg = load_config(REPO / "configs" / "mfdetr_dino_focalnet_l.yaml",
-                          [f"head.c1_channels={cache.group['c1'].shape[1]}"])
-        head, criterion, _ = build_head(HeadConfig.from_dict(cfg.head))
+        cfg = load_config(REPO / "configs" / "mfdetr_dino_focalnet_l.yaml")
+        head, criterion, _ = build_head(HeadConfig.from_dict(cfg.head).with_widths(**cache.feature_widths))
         maps = category_maps(cache.fingerprint, coco)
         ds = CachedImages(store, cache.done_indices(), 4, annotation_file(cache.fingerprint), with_gt=True)
         t_read = t_head = 0.0

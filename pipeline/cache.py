@@ -68,6 +68,27 @@ class CacheError(ValueError):
     """A cache that cannot be used as asked: wrong format, stale fingerprint, missing image."""
 
 
+def bytes_per_image(*, top_k: int, hidden_dim: int, num_classes: int, num_levels: int, num_tokens: int,
+                    c1_numel: int, num_encoder_layers: int, dtype: str = "float16") -> int:
+    """Uncompressed bytes one image occupies in the store (the layout above; before Blosc).
+
+    Args:
+        top_k: K queries; hidden_dim: D; num_classes: C; num_levels: L.
+        num_tokens: S, encoder tokens of the image over all levels; c1_numel: ``C1 * H1 * W1``.
+        num_encoder_layers: stored encoder layers; dtype: feature dtype (a key of ``FEATURE_DTYPES``).
+
+    Raises:
+        ValueError: unknown dtype.
+    """
+    if dtype not in FEATURE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(FEATURE_DTYPES)}, got {dtype!r}")
+    feature = torch.finfo(FEATURE_DTYPES[dtype]).bits // 8
+    features = (top_k * hidden_dim + num_encoder_layers * num_tokens * hidden_dim + c1_numel) * feature
+    fixed = top_k * num_classes * 4 + top_k * 4 * 4 + top_k * 4 + num_levels * 2 * (4 + 4) \
+        + 8 + 2 * 2 * 4 + 1 + 2 * 4 + 2 * 8  # logits, boxes, query_index, shapes/ratios, ids, sizes, done, offsets
+    return features + fixed
+
+
 def _compressor() -> BloscCodec:
     # numcodecs' Blosc (zstd, bit-shuffle) through zarr's spec-conformant codec.
     return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
@@ -159,6 +180,26 @@ class FeatureCache:
         self._c1_shape = group["c1_shape"][:]
         self._size = group["size"][:]
         self._orig_size = group["orig_size"][:]
+
+    @property
+    def feature_widths(self) -> dict[str, int]:
+        """``{"c1_channels": C1, "num_feature_levels": L}`` of the stored features, from the fingerprint.
+
+        These are the mask head's detector-dependent input widths (``HeadConfig.with_widths``).
+
+        Raises:
+            CacheError: the fingerprint lacks them (a cache written before they were recorded:
+                re-run extract) or they disagree with the stored arrays.
+        """
+        widths = self.fingerprint.get("feature_widths")
+        if not isinstance(widths, dict) or set(widths) != {"c1_channels", "num_feature_levels"}:
+            raise CacheError(f"{self.path}: the fingerprint has no feature_widths (c1_channels, num_feature_levels); "
+                             "the cache predates them: re-run extract")
+        stored = {"c1_channels": int(self.group["c1"].shape[1]),
+                  "num_feature_levels": int(self._spatial_shapes.shape[1])}
+        if {k: int(v) for k, v in widths.items()} != stored:
+            raise CacheError(f"{self.path}: fingerprint feature_widths {widths} disagree with the stored arrays {stored}")
+        return stored
 
     # ------------------------------------------------------------------ opening
     @classmethod

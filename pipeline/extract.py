@@ -30,8 +30,8 @@ class ExtractOptions:
     """Options of ``cli.py extract`` (see its ``--help``).
 
     Attributes:
-        detector: registry name (``dino-focalnet``).
-        preset: architecture preset of that detector (``large`` = the official release).
+        detector: registry name (``dino-focalnet``, ``hdetr-r50``, ``hdetr-swin-l``).
+        preset: architecture preset of that detector (None = its official release).
         weights: checkpoint path, or None with ``random_init``.
         random_init: allow running without weights (random weights from ``seed``).
         encoder_layers: encoder layers to store, counted from 1.
@@ -42,7 +42,7 @@ class ExtractOptions:
 
     out: Path
     detector: str = "dino-focalnet"
-    preset: str = "large"
+    preset: str | None = None
     weights: Path | None = None
     random_init: bool = False
     seed: int = 0
@@ -106,6 +106,8 @@ def make_fingerprint(opts: ExtractOptions, detector, checkpoint_sha: str, ann_fi
         "top_k": int(opts.top_k),
         "dtype": opts.dtype,
         "class_to_category_id": {str(k): int(v) for k, v in detector.class_to_category_id().items()},
+        "feature_widths": {"c1_channels": int(detector.c1_channels),
+                           "num_feature_levels": int(detector.num_feature_levels)},
         "ann_file": str(Path(ann_file).resolve()),
         "ann_sha256": file_sha256(Path(ann_file)),
     }

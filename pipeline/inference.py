@@ -17,7 +17,7 @@ from .batches import CachedImages, annotation_file, category_maps, image_feature
 from .cache import RANDOM_INIT_BANNER, FeatureCache
 from .config import Config
 from .evaluate import evaluate_coco, instances_to_coco_json, paste_masks
-from .head import HeadConfig, HungarianMatcher, build_head
+from .head import HungarianMatcher, PostProcess
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def evaluate_cache(head, cfg: Config, cache_path, out_dir, *, device="cpu", boxe
     ann = annotation_file(cache.fingerprint, ann_file)
     coco = data.load_coco(ann, require_annotations=not format_only)
     maps = category_maps(cache.fingerprint, coco)
-    postprocess = build_head(HeadConfig.from_dict(cfg.head))[2]
+    postprocess = PostProcess()  # what build_head returns; it has no settings (top_n is cfg.evaluate.top_n)
     matcher = HungarianMatcher()
     layer = cfg.train.encoder_layer
     indices = cache.done_indices()

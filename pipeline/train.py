@@ -8,6 +8,7 @@ RNG states plus the resolved config, so ``--resume`` continues a killed run to t
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -25,7 +26,7 @@ from . import data
 from .batches import (CachedImages, EpochSampler, annotation_file, category_maps, collate_list, image_features,
                       to_xyxy_pixels)
 from .cache import CacheError, FeatureCache
-from .config import Config, save_config
+from .config import Config, ConfigError, save_config
 from .faults import fault_point
 from .head import HeadConfig, build_head, mask_targets_in_boxes
 from .utils import WriterLock, write_bytes_atomic
@@ -190,7 +191,11 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
     ann = annotation_file(cache.fingerprint, ann_file)
     coco = data.load_coco(ann)
     maps = category_maps(cache.fingerprint, coco)
-    head_cfg = HeadConfig.from_dict(cfg.head)
+    try:
+        head_cfg = HeadConfig.from_dict(cfg.head).with_widths(**cache.feature_widths, source=str(cache_path))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    cfg = dataclasses.replace(cfg, head=head_cfg.to_dict())  # the resolved config is what runs and is saved
     if getattr(head_cfg, "mask_scoring", False) and head_cfg.num_score_classes < maps["num_categories"]:
         raise ValueError(f"head.num_score_classes={head_cfg.num_score_classes} < {maps['num_categories']} "
                          "dataset categories")

@@ -19,7 +19,7 @@ SMALL_EXTRACT = ["--detector", "dino-focalnet", "--preset", "golden-small", "--r
                  "--min-size", "160", "--max-size", "240", "--encoder-layers", "4,6", "--top-k", "30"]
 
 # A reduced head for the golden-small detector (16-channel C1) that trains in seconds on CPU.
-SMALL_HEAD = ["head.c1_channels=16", "head.image_encoder_layers=1", "head.box_dim=64", "head.box_encoder_layers=1",
+SMALL_HEAD = ["head.image_encoder_layers=1", "head.box_dim=64", "head.box_encoder_layers=1",
               "head.num_points=1024", "train.log_every=1"]
 
 

@@ -10,7 +10,7 @@ import zarr
 
 from pipeline.detectors import build_detector
 
-from .conftest import COCO_ROOT, SMALL_EXTRACT, run_cli
+from .conftest import COCO_ROOT, REPO, SMALL_EXTRACT, run_cli
 
 
 def test_check_weights_reports_ok_and_mismatch(tmp_path):
@@ -36,10 +36,33 @@ def test_check_weights_reports_ok_and_mismatch(tmp_path):
 
 
 def test_params_counts_paper_table16_row():
-    out = run_cli("params", "--set", "head.neck=false", "--set", "head.fuse_c1=false",
+    out = run_cli("params", "--widths", "dino-focalnet", "--set", "head.neck=false", "--set", "head.fuse_c1=false",
                   "--set", "head.image_encoder_layers=2").stdout
     assert "(3.24 M)" in out  # Table 16, 2 image / 2 box layers
-    assert "(4.08 M)" in run_cli("params").stdout  # default: Table 16 (3, 2) + C1 neck
+    assert "(4.08 M)" in run_cli("params", "--widths", "dino-focalnet").stdout  # default: Table 16 (3, 2) + C1 neck
+
+
+def test_params_of_the_hdetr_r50_head_is_the_papers():
+    out = run_cli("params", "--config", REPO / "configs" / "mfdetr_hdetr_r50.yaml", "--widths", "hdetr-r50").stdout
+    assert "c1_channels=256, num_feature_levels=4" in out
+    total = int(out.strip().splitlines()[-1].split()[1].replace(",", ""))
+    assert total == 3_261_712 and abs(total / 3.26e6 - 1) < 0.03  # paper Table 12/14: 3.26 M
+    proc = run_cli("params", "--config", REPO / "configs" / "mfdetr_hdetr_r50.yaml", check=False)
+    assert proc.returncode == 2 and "--widths DETECTOR" in proc.stderr
+    proc = run_cli("params", "--widths", "hdetr-r50", "--set", "head.c1_channels=192", check=False)
+    assert proc.returncode == 2 and "head.c1_channels=192 in the config" in proc.stderr
+
+
+def test_detectors_lists_releases():
+    out = run_cli("detectors").stdout
+    lines = {l.split()[0] + ":" + l.split()[1]: l for l in out.splitlines()[1:] if l.split()[0] in
+             ("dino-focalnet", "hdetr-r50", "hdetr-swin-l")}
+    assert set(lines) == {"dino-focalnet:large", "hdetr-r50:release", "hdetr-swin-l:release", "hdetr-swin-l:n900"}
+    assert "focalnet_large_fl4_o365_finetuned_on_coco.pth" in lines["dino-focalnet:large"]
+    assert "r50_hybrid_branch_lambda1_group6_t1500_dp0_mqs_lft" in lines["hdetr-r50:release"]
+    assert "_t1500_n900_" in lines["hdetr-swin-l:n900"]
+    assert lines["hdetr-r50:release"].split()[2:6] == ["50.0", "45.7", "256", "4"]  # box AP, MB/img, C1, L
+    assert "golden-small" in run_cli("detectors", "--all").stdout
 
 
 def test_env_prints_versions():
@@ -54,3 +77,18 @@ def test_two_dask_workers_write_the_same_store(tmp_path, small_caches):
     a, b = zarr.open_group(str(out), mode="r"), zarr.open_group(str(small_caches["val"]), mode="r")
     for name in ("queries", "logits", "boxes", "done", "c1", "encoder/layer_4", "encoder/layer_6"):
         assert np.array_equal(a[name][...], b[name][...]), name
+
+
+def test_check_weights_hdetr_ignores_only_profiler_keys(tmp_path):
+    torch.manual_seed(0)
+    sd = build_detector("hdetr-r50", preset="golden-small").state_dict()
+    path = tmp_path / "hdetr_official_like.pth"
+    torch.save({"model": {**sd, "total_ops": torch.zeros(1, dtype=torch.float64),
+                          "backbone.0.body.layer1.0.conv1.total_params": torch.zeros(1, dtype=torch.float64)},
+                "optimizer": {"state": {}, "param_groups": [{"lr": 2e-4}]}, "epoch": 35,
+                "args": argparse.Namespace(backbone="resnet50", num_queries_one2one=300)}, path)
+    proc = run_cli("check-weights", "--detector", "hdetr-r50", "--preset", "golden-small", "--weights", path)
+    assert proc.stdout.strip().endswith("OK") and "unexpected keys: 0" in proc.stdout
+    assert "ignored keys (profiler keys ending in total_params / total_ops): 2" in proc.stdout
+    proc = run_cli("check-weights", "--detector", "hdetr-r50", "--weights", path, check=False)  # release preset
+    assert proc.returncode == 1 and "shape mismatches: 85" in proc.stdout  # the README: FFN, heads, query_embed

@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
-from pipeline.config import load_config
+from pipeline.cache import FeatureCache
+from pipeline.config import ConfigError, load_config
 from pipeline.head import HeadConfig, build_head
 from pipeline.inference import evaluate_cache
-from pipeline.train import load_checkpoint
+from pipeline.train import load_checkpoint, train
 
 from .conftest import COCO_ROOT, REPO, SMALL_EXTRACT, SMALL_HEAD, run_cli
 
@@ -36,7 +38,9 @@ def test_short_gt_box_run_beats_untrained_head(tmp_path, small_caches):
     trained = json.loads((run / "eval" / "metrics.json").read_text())
     cfg = load_config(CONFIG, list(SMALL_HEAD))
     torch.manual_seed(0)
-    untrained_head = build_head(HeadConfig.from_dict(cfg.head))[0]
+    widths = FeatureCache.open(small_caches["val"]).feature_widths
+    assert widths == {"c1_channels": 16, "num_feature_levels": 5}  # the golden-small DINO's, from the fingerprint
+    untrained_head = build_head(HeadConfig.from_dict(cfg.head).with_widths(**widths))[0]
     untrained = evaluate_cache(untrained_head, cfg, small_caches["val"], tmp_path / "untrained", boxes="gt",
                                progress=False)
     assert "RANDOM-INIT" in trained["banner"]
@@ -125,7 +129,8 @@ def test_results_do_not_depend_on_batch_size(tmp_path, small_caches):
         run = tmp_path / f"bs{bs}"
         cfg = load_config(CONFIG, list(SMALL_HEAD) + [f"evaluate.batch_size={bs}"])
         torch.manual_seed(0)
-        head = build_head(HeadConfig.from_dict(cfg.head))[0]
+        widths = FeatureCache.open(small_caches["val"]).feature_widths
+        head = build_head(HeadConfig.from_dict(cfg.head).with_widths(**widths))[0]
         evaluate_cache(head, cfg, small_caches["val"], run, progress=False)
         outs.append(json.loads((run / "coco_instances_results.json").read_text()))
     assert outs[0] == outs[1]
@@ -143,3 +148,32 @@ def test_help_is_complete():
                 assert p.help, f"{name} {p.opts} has no help text"
         out = run_cli(name, "--help").stdout
         assert out.startswith(f"Usage: cli.py {name}"), name
+
+
+def test_hdetr_r50_extract_then_train_head_reads_widths_from_the_cache(tmp_path):
+    """``extract --detector hdetr-r50 --random-init`` on real COCO, then ``train-head`` with the H-DETR config."""
+    from .conftest import require_coco
+
+    require_coco()
+    cache = tmp_path / "hdetr.zarr"
+    run_cli("extract", "--detector", "hdetr-r50", "--random-init", "--min-size", "160", "--max-size", "240",
+            "--encoder-layers", "4", "--top-k", "30", "--coco-root", COCO_ROOT, "--split", "train2017",
+            "--max-images", 3, "--out", cache)
+    fp = FeatureCache.open(cache).fingerprint
+    assert fp["detector"] == "hdetr-r50" and fp["feature_widths"] == {"c1_channels": 256, "num_feature_levels": 4}
+    assert fp["detector_config"]["num_queries_one2one"] == 300  # the release preset
+    rec = FeatureCache.open(cache).read(0, encoder_layer=4)
+    assert rec["c1"].shape[0] == 256 and rec["spatial_shapes"].shape == (4, 2)
+    run = tmp_path / "run"
+    small = ["head.image_encoder_layers=1", "head.box_dim=64", "head.box_encoder_layers=1", "head.num_points=1024"]
+    run_cli("train-head", "--cache", cache, "--config", REPO / "configs" / "mfdetr_hdetr_r50.yaml",
+            *[a for s in small for a in ("--set", s)], "--max-iters", 2, "--batch-size", 2, "--device", "cpu",
+            "--out", run)
+    ckpt = load_checkpoint(run / "head.pt")
+    assert ckpt["step"] == 2
+    assert (ckpt["config"]["head"]["c1_channels"], ckpt["config"]["head"]["num_feature_levels"]) == (256, 4)
+    assert ckpt["head"]["neck.proj.weight"].shape == (256, 256, 1, 1)  # the C1 neck on ResNet res2
+    # a config that contradicts the cache is refused, naming both values
+    cfg = load_config(REPO / "configs" / "mfdetr_hdetr_r50.yaml", ["head.c1_channels=192"])
+    with pytest.raises(ConfigError, match=r"head.c1_channels=192 in the config, but .*hdetr.zarr has c1_channels=256"):
+        train(cfg, cache, tmp_path / "bad", device="cpu", progress=False)

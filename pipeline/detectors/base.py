@@ -21,9 +21,9 @@ class Extracted:
     All float tensors share one dtype (the detector's: float32, or float64 under ``.double()``).
 
     Attributes:
-        queries: ``[K, D]`` the top-K object queries of the LAST decoder layer (after the
-            decoder's final LayerNorm, i.e. the ``hs[-1]`` the class/box heads read), ranked by
-            their best class score (descending). D = hidden dim (256).
+        queries: ``[K, D]`` the top-K object queries of the LAST decoder layer (the ``hs[-1]``
+            the class/box heads read: after DINO's final decoder LayerNorm; H-DETR has none),
+            ranked by their best class score (descending). D = hidden dim (256).
         logits: ``[K, C]`` class logits (pre-sigmoid) of those queries. For DINO C = 91 and the
             column index is the raw COCO ``category_id`` (column 0 and unused ids are dummies).
         boxes: ``[K, 4]`` boxes, **cxcywh normalized** to the valid (unpadded) resized image,
@@ -40,8 +40,8 @@ class Extracted:
             padded map, as the detector computed them (Deformable-DETR ``get_valid_ratio``);
             all ones when the image was not padded. After cropping the stored tokens are a
             full (unpadded) map, so a consumer of the cache uses ratio 1.
-        c1: ``[C1, H1, W1]`` backbone stage-1 map (stride 4; 192 channels for FocalNet-L),
-            the ``C1`` of the paper's Eq. 1/5, valid region only.
+        c1: ``[C1, H1, W1]`` backbone stride-4 map (FocalNet-L stage 1: 192 channels; ResNet-50
+            res2: 256; Swin-L stage 1: 192), the ``C1`` of the paper's Eq. 1/5, valid region only.
     """
 
     queries: Tensor
@@ -65,6 +65,9 @@ class KeyReport:
         unexpected: keys the file has and the model lacks (after known aliases are dropped).
         mismatched: ``(key, file_shape, model_shape)`` for keys present in both with other shapes.
         aliases_checked: tied alias keys that were compared equal and dropped.
+        ignored: keys the file has, the model lacks, and the detector declares ignorable (H-DETR:
+            the ``thop`` profiler's ``*total_params`` / ``*total_ops``, as its official loader does).
+        ignored_reason: what the ignored keys are (printed with them).
         num_params: number of (unique) parameters of the model.
     """
 
@@ -72,6 +75,8 @@ class KeyReport:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
     aliases_checked: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    ignored_reason: str = ""
     num_params: int = 0
 
     @property
@@ -91,6 +96,11 @@ class KeyReport:
         lines += [f"  {k}: file {tuple(a)} vs model {tuple(b)}" for k, a, b in self.mismatched[:limit]]
         if self.aliases_checked:
             lines.append(f"tied aliases checked equal and dropped: {len(self.aliases_checked)}")
+        if self.ignored:
+            lines.append(f"ignored keys ({self.ignored_reason}): {len(self.ignored)}")
+            lines += [f"  {k}" for k in self.ignored[:limit]]
+            if len(self.ignored) > limit:
+                lines.append(f"  ... and {len(self.ignored) - limit} more")
         lines.append("OK" if self.ok else "MISMATCH")
         return "\n".join(lines)
 
@@ -106,7 +116,10 @@ class Detector(Protocol):
     name: str
     hidden_dim: int
     num_classes: int
+    num_queries: int
     num_encoder_layers: int
+    num_feature_levels: int  # L, encoder levels (the head's input width, recorded in the cache fingerprint)
+    c1_channels: int  # channels of the stride-4 C1 map (likewise)
 
     def config(self) -> dict:
         """JSON-serialisable constructor arguments (recorded in the cache fingerprint)."""

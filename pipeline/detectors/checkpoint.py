@@ -133,7 +133,7 @@ def _alias_groups(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str], 
 
 
 def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True,
-                            source: str = "<state_dict>") -> KeyReport:
+                            source: str = "<state_dict>", ignore_suffixes: tuple[str, ...] = ()) -> KeyReport:
     """Copy a state_dict into ``model`` after checking keys, shapes and tied aliases.
 
     Values are cast to each parameter's dtype (e.g. float16 file -> float32 model).  Tied
@@ -145,6 +145,8 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, Tensor], 
         strict: raise if anything is missing, unexpected or mis-shaped (nothing is loaded then).
             With ``strict=False`` the matching keys are loaded and the report returned.
         source: file name used in error messages.
+        ignore_suffixes: keys the model lacks that end in one of these are dropped and listed in
+            ``report.ignored`` instead of ``report.unexpected`` (H-DETR's ``thop`` profiler keys).
 
     Returns:
         :class:`~pipeline.detectors.base.KeyReport`.
@@ -154,11 +156,16 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, Tensor], 
     """
     canonical, alias_of, num_params = _alias_groups(model)
     report = KeyReport(num_params=num_params)
+    if ignore_suffixes:
+        report.ignored_reason = "profiler keys ending in " + " / ".join(ignore_suffixes)
     chosen: dict[str, tuple[str, Tensor]] = {}
     for key, value in state_dict.items():
         target = alias_of.get(key)
         if target is None:
-            report.unexpected.append(key)
+            if ignore_suffixes and key.endswith(tuple(ignore_suffixes)):
+                report.ignored.append(key)
+            else:
+                report.unexpected.append(key)
             continue
         if target in chosen:
             first_key, first_value = chosen[target]
@@ -182,10 +189,12 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, Tensor], 
     return report
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> KeyReport:
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = True,
+                    ignore_suffixes: tuple[str, ...] = ()) -> KeyReport:
     """Read ``path`` with :func:`read_state_dict` and load it with :func:`load_state_dict_checked`.
 
     Raises:
         FileNotFoundError, CheckpointError: see those functions (messages name the file).
     """
-    return load_state_dict_checked(model, read_state_dict(path), strict=strict, source=os.fspath(path))
+    return load_state_dict_checked(model, read_state_dict(path), strict=strict, source=os.fspath(path),
+                                   ignore_suffixes=ignore_suffixes)

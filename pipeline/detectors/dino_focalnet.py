@@ -15,28 +15,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.detectors.base import Extracted, KeyReport, crop_tokens
+from pipeline.detectors.base import Extracted, KeyReport
 from pipeline.detectors.checkpoint import load_checkpoint as _load_checkpoint_file
-from pipeline.detectors.dino import DINOTransformer, PositionEmbeddingSineHW, inverse_sigmoid
+from pipeline.detectors.detr_common import (
+    COCO_CATEGORY_IDS,
+    PositionEmbeddingSine,
+    check_extract_args,
+    extract_records,
+    inverse_sigmoid,
+    mask_to,
+)
+from pipeline.detectors.dino import DINOTransformer
 from pipeline.detectors.focalnet import FocalNet, focalnet_feature_shapes
-from pipeline.layers.deformable import level_start_index_of
-
-#: The 80 COCO category ids actually used (1..90 without 12, 26, 29, 30, 45, 66, 68, 69, 71, 83).
-COCO_CATEGORY_IDS: tuple[int, ...] = tuple(
-    i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
-
-
-def _mask_to(mask: Tensor, size: Sequence[int]) -> Tensor:
-    """Official mask resizing: ``F.interpolate(mask[None].float(), size).bool()[0]`` (nearest). ``[B, H, W]`` bool."""
-    return F.interpolate(mask[None].float(), size=tuple(int(s) for s in size)).to(torch.bool)[0]
-
-
-def _valid_hw(mask: Tensor) -> tuple[int, int]:
-    """Number of non-padded rows (along column 0) and columns (along row 0) of one ``[H, W]`` mask."""
-    return int((~mask[:, 0]).sum()), int((~mask[0, :]).sum())
 
 
 class DINOFocalNet(nn.Module):
@@ -133,7 +125,7 @@ class DINOFocalNet(nn.Module):
             nn.init.zeros_(p[0].bias)
         # backbone.0 = FocalNet, backbone.1 = position embedding (no weights), as the official Joiner
         self.backbone = nn.ModuleList([
-            focalnet, PositionEmbeddingSineHW(hidden_dim // 2, pe_temperature_h, pe_temperature_w, normalize=True)])
+            focalnet, PositionEmbeddingSine(hidden_dim // 2, pe_temperature_h, pe_temperature_w, normalize=True)])
         # the decoder's heads, registered a second time at the top level (same modules => tied keys)
         self.bbox_embed = self.transformer.decoder.bbox_embed
         self.class_embed = self.transformer.decoder.class_embed
@@ -211,12 +203,12 @@ class DINOFocalNet(nn.Module):
         mask = mask.to(torch.bool)
         focal, pos_embed = self.backbone[0], self.backbone[1]
         feats = focal(images)
-        masks = [_mask_to(mask, f.shape[-2:]) for f in feats]
+        masks = [mask_to(mask, f.shape[-2:]) for f in feats]
         poss = [pos_embed(m, dtype) for m in masks]
         srcs = [self.input_proj[lvl](f) for lvl, f in enumerate(feats)]
         for lvl in range(len(feats), self.num_feature_levels):
             src = self.input_proj[lvl](feats[-1] if lvl == len(feats) else srcs[-1])
-            m = _mask_to(mask, src.shape[-2:])
+            m = mask_to(mask, src.shape[-2:])
             srcs.append(src)
             masks.append(m)
             poss.append(pos_embed(m, dtype))
@@ -262,36 +254,10 @@ class DINOFocalNet(nn.Module):
         Raises:
             ValueError: a layer outside ``1..enc_layers`` or ``top_k`` out of range.
         """
-        layers = [int(k) for k in encoder_layers]
-        bad = [k for k in layers if not 1 <= k <= self.num_encoder_layers]
-        if bad:
-            raise ValueError(f"encoder layers {bad} outside 1..{self.num_encoder_layers}")
-        if not 1 <= top_k <= self.num_queries:
-            raise ValueError(f"top_k={top_k} outside 1..{self.num_queries}")
+        layers = check_extract_args(encoder_layers, top_k, self.num_encoder_layers, self.num_queries)
         with torch.inference_mode():
             out = self.forward(images, mask)
-        dtype = out["hs_last"].dtype
-        shapes = out["spatial_shapes"]
-        records = []
-        for b in range(images.shape[0]):
-            scores = out["pred_logits"][b].sigmoid().max(-1).values
-            order = torch.sort(scores, descending=True, stable=True).indices[:top_k]
-            valid = torch.tensor([_valid_hw(m[b]) for m in out["masks"]], dtype=torch.long)
-            h1, w1 = valid[0].tolist()
-            records.append(Extracted(
-                queries=out["hs_last"][b, order].clone(),
-                logits=out["pred_logits"][b, order].clone(),
-                boxes=out["pred_boxes"][b, order].clone(),
-                query_index=order.clone(),
-                encoder_tokens={k: crop_tokens(out["encoder_layer_outputs"][k - 1][b], shapes, valid).clone()
-                                for k in layers},
-                spatial_shapes=valid,
-                level_start_index=level_start_index_of(valid),
-                valid_ratios=out["valid_ratios"][b].to(dtype).clone(),
-                c1=out["backbone_features"][0][b, :, :h1, :w1].clone(),
-                extras={"scores": scores[order].clone()},
-            ))
-        return records
+        return extract_records(out, out["backbone_features"][0], out["masks"][0], layers, top_k)
 
 
 _LARGE = dict(hidden_dim=256, nheads=8, dim_feedforward=2048, enc_layers=6, dec_layers=6, num_queries=900,
@@ -305,6 +271,13 @@ _LARGE = dict(hidden_dim=256, nheads=8, dim_feedforward=2048, enc_layers=6, dec_
 PRESETS: dict[str, dict] = {
     "large": _LARGE,
     "golden-small": dict(_LARGE, nheads=4, dim_feedforward=32, num_queries=100, embed_dim=16, depths=(1, 1, 2, 1)),
+}
+
+
+#: Released checkpoints per preset: file name and COCO val box AP (what ``cli.py detectors`` lists).
+RELEASES: dict[str, dict] = {
+    "large": {"checkpoint": "focalnet_large_fl4_o365_finetuned_on_coco.pth", "box_ap": 63.2,
+              "box_ap_source": "Mask Frozen-DETR paper, Table 6 (Objects365 pre-training)"},
 }
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 _MASK_HEADS = ("dot_product", "segmenter")
+#: The head's input widths that depend on the detector: read from the cache, never from defaults.
+WIDTH_FIELDS = ("c1_channels", "num_feature_levels")
 _ACTIVATIONS = ("relu", "gelu")
 
 
@@ -26,9 +28,12 @@ class HeadConfig:
         hidden_dim: D, channels of the cached encoder tokens, queries and of the fused map F
             (256 for every DETR we use).
         c1_channels: channels of the cached backbone stage-1 map C1 (192 for FocalNet-L,
-            256 for ResNet-50).
+            256 for ResNet-50, 192 for Swin-L). ``None`` (the default) = read from the cache:
+            ``train-head`` fills it from the cache's fingerprint (:meth:`with_widths`), ``params``
+            from ``--widths DETECTOR``; a head cannot be built before it is known.
         num_feature_levels: L, levels of the cached encoder tokens (5 for DINO-FocalNet-L,
-            4 for H-DETR); checked against ``spatial_shapes`` at run time.
+            4 for H-DETR); ``None`` = read from the cache, as ``c1_channels``. Checked against
+            ``spatial_shapes`` at run time.
         image_encoder_layers: deformable encoder blocks over all levels of E (Sec. 3.2,
             Eq. 6, Table 2 / 16); 0 = no image encoder (E is used as cached).
         image_encoder_heads, image_encoder_points: MSDeformAttn heads / points per level.
@@ -88,8 +93,8 @@ class HeadConfig:
 
     # image feature encoder
     hidden_dim: int = 256
-    c1_channels: int = 192
-    num_feature_levels: int = 5
+    c1_channels: int | None = None
+    num_feature_levels: int | None = None
     image_encoder_layers: int = 3
     image_encoder_heads: int = 8
     image_encoder_points: int = 4
@@ -151,6 +156,8 @@ class HeadConfig:
             raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {self.activation!r}")
         for name in ("hidden_dim", "c1_channels", "num_feature_levels", "roi_size", "box_dim",
                      "target_size", "num_points", "num_score_classes"):
+            if name in WIDTH_FIELDS and getattr(self, name) is None:
+                continue
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("image_encoder_layers", "box_encoder_layers", "roi_sampling_ratio"):
@@ -164,7 +171,7 @@ class HeadConfig:
                              f"({self.box_encoder_heads}) and query_heads ({self.query_heads})")
         if self.neck and self.hidden_dim % 32:
             raise ValueError(f"neck uses GroupNorm(32, hidden_dim); hidden_dim={self.hidden_dim}")
-        if self.fuse_c1 and not self.neck and self.c1_channels != self.hidden_dim:
+        if self.fuse_c1 and not self.neck and self.c1_channels is not None and self.c1_channels != self.hidden_dim:
             raise ValueError(
                 f"fuse_c1=True without a neck needs c1_channels == hidden_dim "
                 f"({self.c1_channels} != {self.hidden_dim}); set neck=True or fuse_c1=False")
@@ -186,6 +193,29 @@ class HeadConfig:
         if unknown:
             raise ValueError(f"unknown HeadConfig keys: {unknown}")
         return cls(**d)
+
+    @property
+    def has_widths(self) -> bool:
+        """True when ``c1_channels`` and ``num_feature_levels`` are known (the head can be built)."""
+        return all(getattr(self, name) is not None for name in WIDTH_FIELDS)
+
+    def with_widths(self, c1_channels: int, num_feature_levels: int, source: str = "the cache") -> "HeadConfig":
+        """A copy with the detector-dependent widths set (from a cache fingerprint or a detector).
+
+        Args:
+            c1_channels, num_feature_levels: the widths of the cached C1 map and encoder tokens.
+            source: where they come from, for error messages (e.g. the cache path).
+
+        Raises:
+            ValueError: the config already sets a different value (names the field and both values).
+        """
+        given = {"c1_channels": int(c1_channels), "num_feature_levels": int(num_feature_levels)}
+        for name, value in given.items():
+            mine = getattr(self, name)
+            if mine is not None and int(mine) != value:
+                raise ValueError(f"head.{name}={mine} in the config, but {source} has {name}={value}; "
+                                 f"remove head.{name} from the config (it is read from the cache)")
+        return dataclasses.replace(self, **given)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (written next to checkpoints)."""

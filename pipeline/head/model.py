@@ -66,7 +66,10 @@ class MaskFrozenDetrHead(nn.Module):
     ``channel_mapper``, ``query_proj``, ``box_pos_embed``, ``box_encoder``, ``query_encoder``,
     ``mask_head``, ``mask_scoring``. Absent components are ``None`` / identities.
 
-    The default config (DINO-FocalNet-L, 3 image / 2 box layers) has 4,076,208 parameters:
+    Raises (constructor):
+        ValueError: an invalid config, or widths (``c1_channels``, ``num_feature_levels``) not set.
+
+    The default config with DINO-FocalNet-L's widths (192, 5; 3 image / 2 box layers) has 4,076,208 parameters:
     the Table 16 (3, 2) accounting (4,026,288 -> "4.03 M") plus the C1 neck PWConv(192, 256) +
     GN(256) = 49,920. The paper's DINO row has no C1 neck (the detector's own stride-4 level,
     already GN(PWConv(C1)), plays its role); we keep the neck because C1 is 192-d here and the
@@ -83,6 +86,10 @@ class MaskFrozenDetrHead(nn.Module):
     def __init__(self, cfg: HeadConfig):
         super().__init__()
         cfg.validate()
+        if not cfg.has_widths:
+            raise ValueError("head.c1_channels / head.num_feature_levels are not set: they are the cache's widths "
+                             "(train-head reads them from the cache's fingerprint; `cli.py params` takes "
+                             "--widths DETECTOR); for a head built by hand use HeadConfig.with_widths(...)")
         self.cfg = cfg
         # a parameter-free head (Table 1 baseline) still needs to know its dtype and device
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)

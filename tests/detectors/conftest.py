@@ -45,3 +45,31 @@ def golden_forward(golden, golden_model) -> dict:
     """Our float32 forward on the golden inputs."""
     with torch.inference_mode():
         return golden_model(golden["inputs"]["images"], golden["inputs"]["mask"])
+
+
+@pytest.fixture(scope="session")
+def hdetr_golden(shared_dir: Path) -> dict:
+    """``golden_hdetr_r50_small.pt``: state_dict (float16), inputs, outputs, outputs_float64."""
+    path = shared_dir / "golden_hdetr_r50_small.pt"
+    if not path.is_file():
+        pytest.skip(f"golden fixture {path} is absent")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def hdetr_golden_model(hdetr_golden):
+    """The 'golden-small' H-DETR R50 preset with the golden weights loaded (float32, eval)."""
+    from pipeline.detectors import build_detector
+    from pipeline.detectors.checkpoint import load_state_dict_checked
+
+    model = build_detector("hdetr-r50", preset="golden-small").eval()
+    report = load_state_dict_checked(model, hdetr_golden["state_dict"], strict=True, source="golden")
+    assert report.ok, report.format()
+    return model
+
+
+@pytest.fixture(scope="session")
+def hdetr_golden_forward(hdetr_golden, hdetr_golden_model) -> dict:
+    """Our float32 H-DETR forward on the golden inputs."""
+    with torch.inference_mode():
+        return hdetr_golden_model(hdetr_golden["inputs"]["images"], hdetr_golden["inputs"]["mask"])

@@ -6,6 +6,12 @@ import torch
 
 from pipeline.layers.deformable import level_start_index_of
 
+#: The cache widths of DINO-FocalNet-L (``c1_channels``, ``num_feature_levels``), which a head built
+#: by hand must be given (``train-head`` reads them from the cache's fingerprint).
+DINO_WIDTHS = {"c1_channels": 192, "num_feature_levels": 5}
+#: The cache widths of H-DETR R50 (res2: 256 channels; 4 encoder levels).
+HDETR_R50_WIDTHS = {"c1_channels": 256, "num_feature_levels": 4}
+
 
 def fake_image(h: int, w: int, *, levels: int = 5, c1_channels: int = 192, dim: int = 256, seed: int = 0,
                dtype: torch.dtype = torch.float16):

@@ -9,9 +9,9 @@ import torch
 import pipeline.head
 from pipeline.head import build_head
 
-from ._synthetic import fake_image, random_boxes
+from ._synthetic import DINO_WIDTHS, fake_image, random_boxes
 
-SMALL = {"image_encoder_layers": 1, "box_encoder_layers": 1, "roi_size": 8}  # fast variants
+SMALL = {**DINO_WIDTHS, "image_encoder_layers": 1, "box_encoder_layers": 1, "roi_size": 8}  # fast variants
 
 
 def _encode(head, sizes, seed=0):
@@ -21,7 +21,7 @@ def _encode(head, sizes, seed=0):
 @pytest.fixture(scope="module")
 def default_head():
     torch.manual_seed(0)
-    head, criterion, post = build_head()
+    head, criterion, post = build_head(DINO_WIDTHS)
     return head.eval(), criterion, post
 
 
@@ -78,7 +78,7 @@ def test_results_do_not_depend_on_batch_composition(default_head):
 
 def test_roi_geometry_box_frame():
     """A parameter-free head (Table 1 baseline) reads F = x-ramp; the logits are the bin centres."""
-    cfg = {"image_encoder_layers": 0, "neck": False, "fuse_c1": False, "box_dim": 256, "box_encoder_layers": 0,
+    cfg = {**DINO_WIDTHS, "image_encoder_layers": 0, "neck": False, "fuse_c1": False, "box_dim": 256, "box_encoder_layers": 0,
            "box_pos_embed": False, "query_ffn": False, "query_b2o": False, "mask_scoring": False, "roi_size": 8}
     head, _, _ = build_head(cfg)
     assert sum(p.numel() for p in head.parameters()) == 0
@@ -103,7 +103,7 @@ def test_roi_geometry_box_frame():
 def test_gradients_reach_every_parameter():
     """Default architecture: one backward of the full loss reaches every parameter (no unused ones)."""
     torch.manual_seed(1)
-    head, criterion, _ = build_head({"num_points": 1024})  # fewer loss points; same architecture
+    head, criterion, _ = build_head({**DINO_WIDTHS, "num_points": 1024})  # fewer loss points; same architecture
     head.train()
     feats = _encode(head, [(48, 64), (56, 48)])
     m = 4

@@ -4,6 +4,8 @@ import pytest
 
 from pipeline.head import build_head, count_parameters, parameter_table
 
+from ._synthetic import DINO_WIDTHS, HDETR_R50_WIDTHS
+
 # Table 16 (DINO + FocalNet-L): 5-level image encoder, no C1 neck, 128-d box/query stack.
 TABLE16 = [((2, 2), 3.24, 3_244_752), ((2, 3), 3.62, 3_620_656), ((3, 2), 4.03, 4_026_288),
            ((3, 3), 4.40, 4_402_192), ((4, 4), 5.56, 5_559_632)]
@@ -12,7 +14,7 @@ NECK_192 = 192 * 256 + 256 + 2 * 256  # PWConv(192, 256) + GroupNorm(32, 256) = 
 
 @pytest.mark.parametrize("layers,printed,exact", TABLE16)
 def test_table16_rows_without_neck(layers, printed, exact):
-    head, _, _ = build_head({"neck": False, "fuse_c1": False, "image_encoder_layers": layers[0],
+    head, _, _ = build_head({**DINO_WIDTHS, "neck": False, "fuse_c1": False, "image_encoder_layers": layers[0],
                              "box_encoder_layers": layers[1]})
     n = count_parameters(head)
     assert round(n / 1e6, 2) == printed
@@ -20,7 +22,7 @@ def test_table16_rows_without_neck(layers, printed, exact):
 
 
 def test_default_config_total():
-    head, _, _ = build_head()
+    head, _, _ = build_head(DINO_WIDTHS)
     n = count_parameters(head)
     print(f"default head parameters: {n:,}")
     assert NECK_192 == 49_920
@@ -32,7 +34,7 @@ def test_default_config_total():
                            "query_encoder": 2 * (66_304 + 131_968), "mask_head": 0, "mask_scoring": 733_008}
 
 
-HDETR = {"num_feature_levels": 4, "c1_channels": 256}
+HDETR = HDETR_R50_WIDTHS
 BASE_T2 = {**HDETR, "neck": False, "box_dim": 256, "box_encoder_layers": 0, "box_pos_embed": False,
            "query_ffn": False, "query_b2o": False, "mask_scoring": False}
 T4 = {**HDETR, "neck": False, "image_encoder_layers": 2, "query_ffn": False, "query_b2o": False,
