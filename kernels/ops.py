@@ -53,6 +53,10 @@ _COMPILED_DEVICES = frozenset() if _C is None else frozenset(
     if torch._C._dispatch_has_kernel_for_dispatch_key("mfdetr::ms_deform_attn", key))
 
 
+class KernelUnavailableError(RuntimeError):
+    """An explicitly chosen compiled kernel is not built (the message says how to build it)."""
+
+
 def compiled_available(device_type: str) -> bool:
     """Whether the compiled ``ms_deform_attn`` kernel is built for ``device_type`` ("cpu" or "cuda")."""
     return _C is not None and device_type in _COMPILED_DEVICES
@@ -90,14 +94,25 @@ def set_impl(impl: str) -> str:
 
     Raises:
         ValueError: ``impl`` not in :data:`IMPLS`.
-        RuntimeError: an explicit ``"cpu"``/``"cuda"`` whose kernel is not built (names how to build it).
+        KernelUnavailableError: an explicit ``"cpu"``/``"cuda"`` whose kernel is not built (names how
+            to build it).
     """
     global _current
     _check_impl(impl, "impl")
     if impl in ("cpu", "cuda") and not compiled_available(impl):
-        raise RuntimeError(_unavailable_message(impl))
+        raise KernelUnavailableError(_unavailable_message(impl))
     previous, _current = _current, impl
     return previous
+
+
+def configure(impl: str) -> dict:
+    """Entry point of a command (extract, train-head, evaluate): :func:`set_impl`, log it, return
+    :func:`describe_impl` for the run's metrics. Raises as :func:`set_impl`."""
+    set_impl(impl)
+    info = describe_impl()
+    log.info("ms_deform_attn implementation: %s (resolves to %s; built: %s)", info["impl"],
+             ", ".join(f"{k}: {v}" for k, v in info["resolved"].items()), ", ".join(available_impls()))
+    return info
 
 
 @contextlib.contextmanager
@@ -115,16 +130,17 @@ def _unavailable_message(impl: str) -> str:
     return f"impl={impl!r}: the compiled {impl.upper()} kernel of ms_deform_attn is not built{why}; {BUILD_HINT}"
 
 
-def resolve_impl(impl: str | None, device: torch.device) -> str:
+def resolve_impl(impl: str | None, device: torch.device, announce: bool = True) -> str:
     """The concrete implementation (``"cpu"``, ``"cuda"`` or ``"reference"``) for tensors on ``device``.
 
     Args:
         impl: one of :data:`IMPLS`, or None for the process-wide setting (:func:`get_impl`).
         device: device of the op's tensors.
+        announce: log what ``"auto"`` chose (once per device type per process).
 
     Raises:
         ValueError: unknown ``impl``, or a compiled kernel asked for tensors on another device type.
-        RuntimeError: an explicit compiled kernel that is not built (names how to build it).
+        KernelUnavailableError: an explicit compiled kernel that is not built (names how to build it).
     """
     impl = _check_impl(_current if impl is None else impl, "impl")
     if impl == "reference":
@@ -134,7 +150,7 @@ def resolve_impl(impl: str | None, device: torch.device) -> str:
             chosen = device.type
         else:
             chosen = "reference"
-        if device.type not in _auto_logged:
+        if announce and device.type not in _auto_logged:
             _auto_logged.add(device.type)
             if chosen == "reference":
                 log.info("ms_deform_attn impl=auto on %s: no compiled kernel for this device, using the pure-PyTorch "
@@ -145,7 +161,7 @@ def resolve_impl(impl: str | None, device: torch.device) -> str:
     if device.type != impl:
         raise ValueError(f"impl={impl!r} but the tensors are on {device.type}; use impl='auto' or move them")
     if not compiled_available(impl):
-        raise RuntimeError(_unavailable_message(impl))
+        raise KernelUnavailableError(_unavailable_message(impl))
     return impl
 
 
@@ -156,7 +172,7 @@ def describe_impl(impl: str | None = None) -> dict:
     resolved = {}
     for dev in devices:
         try:
-            resolved[dev] = resolve_impl(setting, torch.device(dev))
+            resolved[dev] = resolve_impl(setting, torch.device(dev), announce=False)
         except (ValueError, RuntimeError):
             resolved[dev] = "unavailable"
     return {"impl": setting, "resolved": resolved}
@@ -191,7 +207,7 @@ def ms_deform_attn(
 
     Raises:
         ValueError: unknown ``impl`` or inconsistent shapes (the message names the argument).
-        RuntimeError: an explicit compiled ``impl`` that is not built.
+        KernelUnavailableError: an explicit compiled ``impl`` that is not built.
     """
     if level_start_index.numel() != spatial_shapes.shape[0]:
         raise ValueError(

@@ -21,6 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from kernels import ops as kernel_ops
+
 from . import data
 from .batches import (CachedImages, EpochSampler, annotation_file, category_maps, collate_list, image_features,
                       to_xyxy_pixels)
@@ -133,7 +135,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: str | Path | None = None,
           resume: bool = False, device: str = "auto", ann_file: str | Path | None = None,
-          val_ann_file: str | Path | None = None, progress: bool = True) -> dict:
+          val_ann_file: str | Path | None = None, progress: bool = True, impl: str = "auto") -> dict:
     """Train the head on a cache; write ``<out>/head.pt``, ``metrics.jsonl``, ``config.yaml``.
 
     Args:
@@ -145,6 +147,8 @@ def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: st
         resume: continue from ``<out>/checkpoint.pt`` (the config must be the same).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
         ann_file / val_ann_file: annotation files if they moved since extraction.
+        impl: deformable-attention kernel (:data:`kernels.ops.IMPLS`): a run-time choice, logged
+            and written to ``metrics.jsonl``, not part of the config (a resumed run may change it).
 
     Returns:
         ``{"step": int, "head": path, "eval": metrics or None}``.
@@ -158,6 +162,7 @@ def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: st
     if tc.boxes not in ("pred", "gt"):
         raise ValueError(f"train.boxes must be 'pred' or 'gt', got {tc.boxes!r}")
     dev = resolve_device(device)
+    impl_info = kernel_ops.configure(impl)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     if tc.deterministic and dev.type == "cpu":
@@ -212,6 +217,8 @@ def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: st
 
     dataset = CachedImages(cache_path, indices, tc.encoder_layer, ann, with_gt=True)
     metrics_file = open(out / "metrics.jsonl", "a")
+    metrics_file.write(json.dumps({"step": step, "run": {"git": git_sha(), "device": str(dev), "impl": impl_info,
+                                                         "resumed": bool(resume)}}) + "\n")
     autocast = tc.amp and dev.type == "cuda"
     meta = {"kind": "mask-frozen-detr-head", "version": CHECKPOINT_VERSION, "config": cfg.to_dict(),
             "fingerprint": cache.fingerprint, "git": git_sha(), "total_iters": total}
@@ -282,7 +289,7 @@ def _evaluate_into(head, cfg, val_cache, out_dir, dev, boxes_mode, ann_file, met
 
     metrics = evaluate_cache(head, cfg, val_cache, out_dir, device=dev, boxes=boxes_mode, ann_file=ann_file)
     metrics_file.write(json.dumps({"step": step, "eval": {k: {m: v for m, v in d.items() if m != "per_category"}
-                                                           for k, d in metrics.items() if isinstance(d, dict)}})
+                                                           for k, d in metrics.items() if isinstance(d, dict) and "AP" in d}})
                        + "\n")
     metrics_file.flush()
     return metrics

@@ -136,3 +136,42 @@ def test_help_is_complete():
                 assert p.help, f"{name} {p.opts} has no help text"
         out = run_cli(name, "--help").stdout
         assert out.startswith(f"Usage: cli.py {name}"), name
+
+
+def test_resume_with_another_impl_continues(tmp_path, small_caches, monkeypatch):
+    """--impl is not part of the run's identity: a run stopped under the reference resumes on the kernel."""
+    from kernels import ops
+    from pipeline import train as train_module
+
+    if not ops.compiled_available("cpu"):
+        import pytest
+
+        pytest.skip("CPU kernel not built")
+    cfg = load_config(CONFIG, list(SMALL_HEAD) + ["train.checkpoint_every=2", "train.max_iters=4",
+                                                  "train.batch_size=2"])
+    real_save = train_module.save_checkpoint
+
+    def save_then_stop(path, **payload):  # the run dies right after its step-2 checkpoint
+        real_save(path, **payload)
+        if payload["step"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+    try:
+        train_module.train(cfg, small_caches["train"], tmp_path / "run", device="cpu", progress=False,
+                           impl="reference")
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
+    result = train_module.train(cfg, small_caches["train"], tmp_path / "run", device="cpu", progress=False,
+                                resume=True, impl="cpu")
+    straight = train_module.train(cfg, small_caches["train"], tmp_path / "straight", device="cpu", progress=False,
+                                  impl="reference")
+    assert result["step"] == straight["step"] == 4
+    runs = [json.loads(l)["run"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+            if "run" in json.loads(l)]
+    assert [r["impl"]["resolved"]["cpu"] for r in runs] == ["reference", "cpu"] and runs[1]["resumed"]
+    a, b = load_checkpoint(tmp_path / "straight" / "head.pt"), load_checkpoint(tmp_path / "run" / "head.pt")
+    for k in a["head"]:  # the same training up to the kernels' float32 rounding
+        torch.testing.assert_close(b["head"][k], a["head"][k], atol=1e-4, rtol=1e-4, msg=k)
