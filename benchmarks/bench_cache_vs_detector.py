@@ -15,6 +15,7 @@ Prints seconds per image and the ratios (a)/(b+c) and (b)/(c); the last line hol
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,8 +23,11 @@ from pathlib import Path
 import click
 import torch
 
-from kernels import ops
-from pipeline import data
+# the repository first: this folder's kernels.py (the kernel benchmark) must not shadow the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import ops  # noqa: E402
+from pipeline import data  # noqa: E402
 from pipeline.batches import CachedImages, annotation_file, category_maps, image_features
 from pipeline.cache import FeatureCache
 from pipeline.config import load_config
