@@ -47,19 +47,22 @@ except ImportError as e:  # not built, or built against another torch
     COMPILED_ERROR = f"{type(e).__name__}: {e}"
 
 
-# device types with a compiled kernel registered (looked up once: torch.compile traces the checks below)
-_COMPILED_DEVICES = frozenset() if _C is None else frozenset(
-    dev for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
-    if torch._C._dispatch_has_kernel_for_dispatch_key("mfdetr::ms_deform_attn", key))
+#: The compiled ops (``mfdetr::<name>``) that :func:`resolve_impl` chooses between.
+OPS = ("ms_deform_attn", "fused_roi_align")
+# (op, device type) pairs with a compiled kernel registered (looked up once: torch.compile traces
+# the checks below)
+_COMPILED = frozenset() if _C is None else frozenset(
+    (op, dev) for op in OPS for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    if torch._C._dispatch_has_kernel_for_dispatch_key(f"mfdetr::{op}", key))
 
 
 class KernelUnavailableError(RuntimeError):
     """An explicitly chosen compiled kernel is not built (the message says how to build it)."""
 
 
-def compiled_available(device_type: str) -> bool:
-    """Whether the compiled ``ms_deform_attn`` kernel is built for ``device_type`` ("cpu" or "cuda")."""
-    return _C is not None and device_type in _COMPILED_DEVICES
+def compiled_available(device_type: str, op: str = "ms_deform_attn") -> bool:
+    """Whether the compiled kernel of ``op`` (:data:`OPS`) is built for ``device_type`` ("cpu" or "cuda")."""
+    return _C is not None and (op, device_type) in _COMPILED
 
 
 def compiled_cuda_archs() -> list[str]:
@@ -81,7 +84,7 @@ def _check_impl(impl: str, where: str) -> str:
 
 
 _current = _check_impl(os.environ.get(ENV_VAR, "auto"), f"environment variable {ENV_VAR}")
-_auto_logged: set[str] = set()
+_auto_logged: set[tuple[str, str]] = set()
 
 
 def get_impl() -> str:
@@ -125,18 +128,19 @@ def use_impl(impl: str) -> Iterator[None]:
         set_impl(previous)
 
 
-def _unavailable_message(impl: str) -> str:
+def _unavailable_message(impl: str, op: str = "ms_deform_attn") -> str:
     why = f" (import of kernels._C failed: {COMPILED_ERROR})" if COMPILED_ERROR else ""
-    return f"impl={impl!r}: the compiled {impl.upper()} kernel of ms_deform_attn is not built{why}; {BUILD_HINT}"
+    return f"impl={impl!r}: the compiled {impl.upper()} kernel of {op} is not built{why}; {BUILD_HINT}"
 
 
-def resolve_impl(impl: str | None, device: torch.device, announce: bool = True) -> str:
+def resolve_impl(impl: str | None, device: torch.device, announce: bool = True, op: str = "ms_deform_attn") -> str:
     """The concrete implementation (``"cpu"``, ``"cuda"`` or ``"reference"``) for tensors on ``device``.
 
     Args:
         impl: one of :data:`IMPLS`, or None for the process-wide setting (:func:`get_impl`).
         device: device of the op's tensors.
-        announce: log what ``"auto"`` chose (once per device type per process).
+        announce: log what ``"auto"`` chose (once per op and device type per process).
+        op: which compiled op (:data:`OPS`).
 
     Raises:
         ValueError: unknown ``impl``, or a compiled kernel asked for tensors on another device type.
@@ -146,22 +150,19 @@ def resolve_impl(impl: str | None, device: torch.device, announce: bool = True) 
     if impl == "reference":
         return impl
     if impl == "auto":
-        if compiled_available(device.type):
-            chosen = device.type
-        else:
-            chosen = "reference"
-        if announce and device.type not in _auto_logged:
-            _auto_logged.add(device.type)
+        chosen = device.type if compiled_available(device.type, op) else "reference"
+        if announce and (op, device.type) not in _auto_logged:
+            _auto_logged.add((op, device.type))
             if chosen == "reference":
-                log.info("ms_deform_attn impl=auto on %s: no compiled kernel for this device, using the pure-PyTorch "
-                         "reference%s", device.type, f" ({COMPILED_ERROR})" if COMPILED_ERROR else "")
+                log.info("%s impl=auto on %s: no compiled kernel for this device, using the pure-PyTorch "
+                         "reference%s", op, device.type, f" ({COMPILED_ERROR})" if COMPILED_ERROR else "")
             else:
-                log.info("ms_deform_attn impl=auto on %s: using the compiled %s kernel", device.type, chosen)
+                log.info("%s impl=auto on %s: using the compiled %s kernel", op, device.type, chosen)
         return chosen
     if device.type != impl:
         raise ValueError(f"impl={impl!r} but the tensors are on {device.type}; use impl='auto' or move them")
-    if not compiled_available(impl):
-        raise KernelUnavailableError(_unavailable_message(impl))
+    if not compiled_available(impl, op):
+        raise KernelUnavailableError(_unavailable_message(impl, op))
     return impl
 
 
@@ -251,3 +252,70 @@ if _C is not None:
         return grad_value, None, None, grad_locations, grad_weights
 
     torch.library.register_autograd("mfdetr::ms_deform_attn", _backward, setup_context=_setup_context)
+
+
+def fused_roi_align(
+    c1: Tensor,
+    e: Tensor,
+    boxes: Tensor,
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    impl: str | None = None,
+) -> Tensor:
+    """RoIAlign of ``F = c1 + interpolate(e, size=c1's)`` without materialising F (compiled kernels).
+
+    Equal to :func:`kernels.reference.fused_roi_align` = ``torchvision.ops.roi_align(c1 +
+    F.interpolate(e, size=c1.shape[-2:], mode="bilinear", align_corners=False), boxes,
+    output_size, spatial_scale, sampling_ratio, aligned=True)``; differentiable in c1 and e.
+
+    Args:
+        c1: ``Tensor[B, C, H, W]``.
+        e: ``Tensor[B, C, He, We]`` (same B, C).
+        boxes: ``Tensor[K, 5]`` ``(batch index, x1, y1, x2, y2)``; ``aligned=True`` (pixel centres
+            at half-integers); boxes may be empty, zero-area or partly outside the map.
+        output_size: ``R`` or ``(PH, PW)``.
+        spatial_scale: box coordinates -> c1 pixels.
+        sampling_ratio: samples per bin side; ``<= 0`` = adaptive (``ceil(box size / output size)``).
+        impl: one of :data:`IMPLS`; None = the process-wide setting.
+
+    Returns:
+        ``Tensor[K, C, PH, PW]`` in c1's dtype.
+
+    Raises:
+        ValueError: inconsistent shapes or a batch index outside ``[0, B)`` (message names the argument).
+        KernelUnavailableError: an explicit compiled ``impl`` that is not built.
+    """
+    ph, pw = (output_size, output_size) if isinstance(output_size, int) else (int(v) for v in output_size)
+    chosen = resolve_impl(impl, c1.device, op="fused_roi_align")
+    if chosen == "reference":
+        return reference.fused_roi_align(c1, e, boxes, (ph, pw), spatial_scale, sampling_ratio)
+    return torch.ops.mfdetr.fused_roi_align(c1, e, boxes.to(c1.dtype), ph, pw, float(spatial_scale),
+                                            int(sampling_ratio))
+
+
+if _C is not None:
+
+    @torch.library.register_fake("mfdetr::fused_roi_align")
+    def _fused_roi_align_fake(c1, e, boxes, pooled_height, pooled_width, spatial_scale, sampling_ratio):
+        torch._check(c1.dim() == 4, lambda: "c1 must be [B, C, H, W]")
+        torch._check(boxes.dim() == 2, lambda: "boxes must be [K, 5]")
+        return c1.new_empty((boxes.shape[0], c1.shape[1], pooled_height, pooled_width))
+
+    @torch.library.register_fake("mfdetr::fused_roi_align_backward")
+    def _fused_roi_align_backward_fake(grad_output, c1, e, boxes, pooled_height, pooled_width, spatial_scale,
+                                       sampling_ratio):
+        return torch.empty_like(c1), torch.empty_like(e)
+
+    def _roi_setup_context(ctx, inputs, output):
+        c1, e, boxes, ctx.pooled_height, ctx.pooled_width, ctx.spatial_scale, ctx.sampling_ratio = inputs
+        ctx.save_for_backward(c1, e, boxes)
+
+    def _roi_backward(ctx, grad_output):
+        c1, e, boxes = ctx.saved_tensors
+        grad_c1, grad_e = torch.ops.mfdetr.fused_roi_align_backward(
+            grad_output.contiguous(), c1, e, boxes, ctx.pooled_height, ctx.pooled_width, ctx.spatial_scale,
+            ctx.sampling_ratio)
+        return grad_c1, grad_e, None, None, None, None, None
+
+    torch.library.register_autograd("mfdetr::fused_roi_align", _roi_backward, setup_context=_roi_setup_context)

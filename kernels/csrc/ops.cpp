@@ -26,6 +26,12 @@ TORCH_LIBRARY(mfdetr, m) {
       "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
       "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "fused_roi_align(Tensor c1, Tensor e, Tensor boxes, int pooled_height, int pooled_width, "
+      "float spatial_scale, int sampling_ratio) -> Tensor");
+  m.def(
+      "fused_roi_align_backward(Tensor grad_output, Tensor c1, Tensor e, Tensor boxes, int pooled_height, "
+      "int pooled_width, float spatial_scale, int sampling_ratio) -> (Tensor, Tensor)");
   m.def("cuda_archs() -> str", &cuda_archs);
 }
 
