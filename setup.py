@@ -30,6 +30,36 @@ def _want_cuda(torch, cuda_home) -> bool:
     return bool(torch.cuda.is_available() and cuda_home is not None and torch.version.cuda)
 
 
+def _pip_cuda_include_dirs(torch) -> list[str]:
+    """Headers of the CUDA libraries torch's wheel depends on (``site-packages/nvidia/.../include``).
+
+    A minimal CUDA toolkit (nvcc + cudart, as on these machines) lacks e.g. ``cusparse.h``, which
+    ATen's CUDA headers include; the pip packages torch installed carry them.
+    """
+    root = Path(torch.__file__).resolve().parents[1] / "nvidia"
+    return sorted({str(p.parent) for p in root.rglob("cusparse.h")}) if root.is_dir() else []
+
+
+def _toolkit_library_dirs(cuda_home) -> list[str]:
+    """``lib64`` of the CUDA toolkit, for ``-lcudart``.
+
+    torch derives CUDA_HOME from nvcc's location; where ``nvcc`` on PATH is a wrapper or symlink
+    such as ``/usr/local/bin/nvcc`` that gives ``/usr/local``, whose lib has no cudart. The first
+    of CUDA_HOME, nvcc's real toolkit and ``/usr/local/cuda`` that has ``lib64/libcudart.so`` wins.
+    """
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    candidates = [Path(cuda_home)] if cuda_home else []
+    if nvcc:
+        candidates.append(Path(os.path.realpath(nvcc)).parents[1])
+    candidates.append(Path("/usr/local/cuda"))
+    for home in candidates:
+        if (home / "lib64" / "libcudart.so").exists():
+            return [str(home / "lib64")]
+    return []
+
+
 def extensions():
     """The ``kernels._C`` extension (C++ always, CUDA when wanted) and its build command."""
     if os.environ.get("MFDETR_NO_EXT", "0") == "1":
@@ -51,6 +81,7 @@ def extensions():
         macros += [("MFDETR_WITH_CUDA", None), ("MFDETR_CUDA_ARCHS", '"%s"' % archs.replace(" ", ";"))]
         ext = CUDAExtension(
             "kernels._C", sources + _sources("*.cu"), define_macros=macros,
+            include_dirs=_pip_cuda_include_dirs(torch), library_dirs=_toolkit_library_dirs(CUDA_HOME),
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
             extra_link_args=["-fopenmp"])
     else:

@@ -10,6 +10,9 @@ Shapes (issue 15):
     affordable on a 2-core CPU; pass ``--image 800x1067`` for the full size.
   * ``box_encoder``: the head's box encoder, 100 boxes x 32x32 tokens, d = 128 (8 heads x 16),
     1 level, 4 points.
+  * ``fused_roi_align_<C>``: 100 boxes pooled to 32x32 (sampling ratio 2) from c1 [1, C, 200, 267]
+    + interpolate(e [1, C, 100, 134]), C = 192 and 256; the reference materialises the sum
+    and calls torchvision's roi_align (aligned=True).
 
 On CUDA the peak memory of each run is printed too. The last line holds the ratios as
 ``name=value`` (``<shape>_fwd`` and ``<shape>_fwdbwd`` = reference time / kernel time).
@@ -92,6 +95,37 @@ def bench_ms_deform_attn(spec: dict, impl: str, device: str, dtype: torch.dtype,
     return timed(forward, repeats, device), timed(forward_backward, repeats, device)
 
 
+def bench_fused_roi_align(channels: int, impl: str, device: str, dtype: torch.dtype, repeats: int):
+    g = torch.Generator().manual_seed(0)
+    c1 = torch.randn(1, channels, 200, 267, generator=g).to(device, dtype)
+    e = torch.randn(1, channels, 100, 134, generator=g).to(device, dtype)
+    xy = torch.rand(100, 2, generator=g) * torch.tensor([230.0, 170.0])
+    wh = torch.rand(100, 2, generator=g) * 60 + 4
+    boxes = torch.cat((torch.zeros(100, 1), xy, xy + wh), 1).to(device, dtype)
+
+    def forward():
+        with torch.no_grad():
+            ops.fused_roi_align(c1, e, boxes, 32, 1.0, 2, impl=impl)
+
+    leaves = [t.detach().requires_grad_(True) for t in (c1, e)]
+    grad = torch.randn(100, channels, 32, 32, device=device, dtype=dtype)
+
+    def forward_backward():
+        out = ops.fused_roi_align(leaves[0], leaves[1], boxes, 32, 1.0, 2, impl=impl)
+        torch.autograd.grad(out, leaves, grad)
+
+    return timed(forward, repeats, device), timed(forward_backward, repeats, device)
+
+
+def report(name: str, times: dict, device: str, ratios: dict) -> None:
+    for i, part in enumerate(("fwd", "fwdbwd")):
+        (t_ref, m_ref), (t_k, m_k) = times["reference"][i], times[device][i]
+        mem = f"   peak {m_ref / 2**20:.0f} / {m_k / 2**20:.0f} MiB" if device == "cuda" else ""
+        click.echo(f"  {part:<7s} reference {t_ref:9.4f} s   {device} kernel {t_k:9.4f} s   "
+                   f"ratio {t_ref / t_k:6.2f}x{mem}")
+        ratios[f"{name}_{part}"] = t_ref / t_k
+
+
 @click.command()
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
@@ -112,12 +146,14 @@ def main(device, dtype, image, repeats):
                    f"heads={spec['heads']}x{spec['dh']} points={spec['points']}")
         times = {impl: bench_ms_deform_attn(spec, impl, device, torch_dtype, repeats)
                  for impl in ("reference", device)}
-        for i, part in enumerate(("fwd", "fwdbwd")):
-            (t_ref, m_ref), (t_k, m_k) = times["reference"][i], times[device][i]
-            mem = f"   peak {m_ref / 2**20:.0f} / {m_k / 2**20:.0f} MiB" if device == "cuda" else ""
-            click.echo(f"  {part:<7s} reference {t_ref:9.4f} s   {device} kernel {t_k:9.4f} s   "
-                       f"ratio {t_ref / t_k:6.2f}x{mem}")
-            ratios[f"{name}_{part}"] = t_ref / t_k
+        report(name, times, device, ratios)
+    if ops.compiled_available(device, "fused_roi_align"):
+        for channels in (192, 256):
+            click.echo(f"fused_roi_align_{channels}: 100 boxes -> 32x32, c1 [1, {channels}, 200, 267], "
+                       f"e [1, {channels}, 100, 134]")
+            times = {impl: bench_fused_roi_align(channels, impl, device, torch_dtype, repeats)
+                     for impl in ("reference", device)}
+            report(f"fused_roi_align_{channels}", times, device, ratios)
     click.echo(" ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
 
 
