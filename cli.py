@@ -1,7 +1,8 @@
 """Mask Frozen-DETR command line: extract -> train-head -> evaluate (plus check-weights, params, env).
 
 Each command parses its flags, calls one pipeline function, prints and exits. Errors from bad
-input are printed as one clear message (exit code 2) instead of a traceback.
+input are printed as one clear message (exit code 2) instead of a traceback; storage errors
+(disk full, permissions) name the path and exit with code 1.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ def _user_errors():
     from pipeline.data import DataError
 
     from kernels.ops import KernelUnavailableError
+    from pipeline.utils import LockError
 
-    errors = [CacheError, ConfigError, DataError, KernelUnavailableError, ValueError, FileNotFoundError]
+    errors = [CacheError, ConfigError, DataError, LockError, KernelUnavailableError, ValueError, FileNotFoundError]
     try:
         from pipeline.detectors.checkpoint import CheckpointError
 
@@ -47,6 +49,12 @@ def friendly_errors(fn):
         except _user_errors() as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(2)
+        except OSError as e:  # disk full, permissions, I/O: the environment failed, not the input
+            where = e.filename or "(unknown path)"
+            click.echo(f"Error: cannot write {where}: {e.strerror or e}. Everything finished before this "
+                       "point is intact; fix the cause and re-run the same command to resume "
+                       "(train-head: add --resume).", err=True)
+            sys.exit(1)
 
     return wrapper
 
@@ -197,6 +205,8 @@ def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batc
     cfg = load_config(config_path, extra)
     result = train(cfg, cache, out, val_cache=val_cache, resume=resume, device=device, ann_file=ann_file,
                    val_ann_file=val_ann_file, impl=impl)
+    if result["resumed_at"] is not None:
+        click.echo(f"resumed at step {result['resumed_at']}; trained {result['steps_run']} more step(s)")
     click.echo(f"head: {result['head']} (step {result['step']})")
     if result["eval"] is not None:
         click.echo(format_ap_table(result["eval"]))

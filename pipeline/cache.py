@@ -46,6 +46,8 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec
 
+from .faults import fault_point
+
 FORMAT = "mask-frozen-detr-cache"
 FORMAT_VERSION = 1
 FEATURE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -263,8 +265,10 @@ class FeatureCache:
         group.create_array("c1", shape=(int(c1_offset[-1]), c1_channels), chunks=(c1_chunk_rows, c1_channels),
                            dtype=sdtype, compressors=comp, fill_value=0)
         # attrs last: a store without them is not a cache and will be recreated.
+        fault_point("cache.create", partial)
         group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION,
                             "fingerprint": fingerprint, "skipped": {}})
+        fault_point("cache.rename", partial)
         os.replace(partial, path)
         return cls(path, zarr.open_group(str(path), mode="r+"))
 
@@ -326,19 +330,22 @@ class FeatureCache:
         g["boxes"][i] = boxes.detach().to("cpu", torch.float32).numpy()
         g["query_index"][i] = query_index.detach().to("cpu", torch.int32).numpy()
         g["valid_ratios"][i] = torch.as_tensor(valid_ratios).detach().to("cpu", torch.float32).numpy()
+        fault_point("cache.between_arrays", self.path)
         for k, tokens in encoder_tokens.items():
             if tokens.shape[0] != n_tok:
                 raise CacheError(f"image {self.image_ids[i]}: encoder layer {k} has {tokens.shape[0]} tokens, "
                                  f"spatial_shapes give {n_tok}")
             g[f"encoder/layer_{k}"][t0 : t0 + n_tok] = _to_storage(tokens, dt)
         g["c1"][c0 : c0 + h1 * w1] = _to_storage(c1.flatten(1).transpose(0, 1), dt)
+        fault_point("cache.before_done", self.path)
         g["done"][i] = DONE
 
     def mark_skipped(self, i: int, reason: str) -> None:
         """Flag image ``i`` as skipped (bad input) and record why in the store's attrs."""
         skipped = self.skipped
         skipped[str(int(self.image_ids[i]))] = reason
-        self.group.attrs["skipped"] = skipped
+        fault_point("cache.attrs", self.path)
+        self.group.attrs["skipped"] = skipped  # zarr writes zarr.json atomically (temp file + rename)
         self.group["done"][i] = SKIPPED
 
     # ------------------------------------------------------------------ reading

@@ -135,6 +135,40 @@ def _check_records(ann_file: Path, key: str, records: list, fields: Sequence[str
             raise DataError(f"{ann_file}: {key}[{i}] lacks field(s) {', '.join(missing)}")
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+
+
+def _check_bbox(where: str, bbox) -> bool:
+    """Raise on a malformed COCO ``xywh`` box; return False for a zero-area or negative one (a counted skip)."""
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+        raise DataError(f"{where}: bbox {bbox!r} is not [x, y, width, height] of 4 finite numbers")
+    return bbox[2] > 0 and bbox[3] > 0
+
+
+def _valid_polygons(where: str, seg, height: int, width: int) -> int:
+    """Check one annotation's ``segmentation``; return how many of its polygons are unusable.
+
+    Unusable = fewer than 3 points or an odd number of coordinates (pycocotools would read a
+    4-number polygon as a box): the caller drops them, as detectron2 does. Raises on what cannot
+    be repaired: non-numeric coordinates, a malformed RLE, or an RLE of another size than its image.
+    """
+    if isinstance(seg, list):
+        for k, poly in enumerate(seg):
+            if not isinstance(poly, list) or not all(_is_number(v) for v in poly):
+                raise DataError(f"{where}: segmentation polygon {k} is not a list of finite numbers")
+        return sum(len(poly) < 6 or len(poly) % 2 == 1 for poly in seg)
+    if isinstance(seg, dict):
+        size = seg.get("size")
+        if "counts" not in seg or not isinstance(size, list) or len(size) != 2:
+            raise DataError(f"{where}: RLE segmentation needs 'counts' and 'size' [height, width]")
+        if [int(size[0]), int(size[1])] != [height, width]:
+            raise DataError(f"{where}: RLE size {size} differs from its image's [height, width] = "
+                            f"[{height}, {width}]")
+        return 0
+    raise DataError(f"{where}: segmentation is a {type(seg).__name__}; expected polygons (a list) or an RLE (a dict)")
+
+
 def load_coco(ann_file: str | Path, require_annotations: bool = True) -> COCO:
     """Read and validate a COCO instances json, return a pycocotools ``COCO`` over it.
 
@@ -143,16 +177,21 @@ def load_coco(ann_file: str | Path, require_annotations: bool = True) -> COCO:
     ``--format-only`` evaluation need only ``images`` and ``categories``.
 
     The file is parsed once here (so that errors can name it) and handed to pycocotools;
-    nothing is modified: image ids, category ids and annotations stay exactly as in the file.
+    image ids, category ids and annotations stay exactly as in the file, except the unusable
+    polygons dropped below.
 
     Validation: the file is valid JSON, a top-level object with list-valued ``images``,
     ``annotations`` and ``categories``; every image has ``id, file_name, width, height``, every
     annotation ``id, image_id, category_id, bbox``, every category ``id, name``; image ids are
-    unique; annotations refer to listed images and categories.
+    unique; annotations refer to listed images and categories; every ``bbox`` is 4 finite numbers
+    (zero-area and negative boxes are counted in a warning: training drops them); polygons have
+    at least 3 points (smaller ones are dropped with a counted warning, and an annotation left
+    without polygons with them, as detectron2 does), and an RLE has its image's size.
 
     Raises:
         DataError: file missing or unreadable, not valid JSON, a required key missing
-            (the message names the file and the key), or a record lacking a field.
+            (the message names the file and the key), a record lacking a field, or a malformed
+            box or segmentation (the message names the annotation id and what was expected).
     """
     path = Path(ann_file)
     try:
@@ -180,14 +219,33 @@ def load_coco(ann_file: str | Path, require_annotations: bool = True) -> COCO:
     if len(set(img_ids)) != len(img_ids):
         dup = sorted({i for i in img_ids if img_ids.count(i) > 1})[:10]
         raise DataError(f"annotation file {path}: duplicate image ids {dup}")
-    img_set, cat_set = set(img_ids), {c["id"] for c in data["categories"]}
+    images = {im["id"]: im for im in data["images"]}
+    cat_set = {c["id"] for c in data["categories"]}
+    empty_boxes, dropped_polygons, kept = 0, 0, []
     for ann in data["annotations"]:
-        if ann["image_id"] not in img_set:
-            raise DataError(f"annotation file {path}: annotation {ann['id']} refers to unknown image_id {ann['image_id']}")
+        where = f"annotation file {path}: annotation {ann['id']}"
+        if ann["image_id"] not in images:
+            raise DataError(f"{where} refers to unknown image_id {ann['image_id']}")
         if ann["category_id"] not in cat_set:
-            raise DataError(
-                f"annotation file {path}: annotation {ann['id']} refers to unknown category_id {ann['category_id']}"
-            )
+            raise DataError(f"{where} refers to unknown category_id {ann['category_id']}")
+        empty_boxes += not _check_bbox(where, ann["bbox"])
+        if "segmentation" in ann:
+            im = images[ann["image_id"]]
+            bad = _valid_polygons(where, ann["segmentation"], int(im["height"]), int(im["width"]))
+            if bad:
+                dropped_polygons += bad
+                ann = dict(ann, segmentation=[q for q in ann["segmentation"] if len(q) >= 6 and len(q) % 2 == 0])
+                if not ann["segmentation"]:
+                    logger.debug("%s: no polygon of >= 3 points left; annotation dropped", where)
+                    continue
+        kept.append(ann)
+    if empty_boxes:
+        logger.warning("%s: %d annotation(s) with a zero-area or negative box; they are not used for training "
+                       "(as DETR drops them)", path, empty_boxes)
+    if dropped_polygons:
+        logger.warning("%s: dropped %d polygon(s) of fewer than 3 points and %d annotation(s) left without a "
+                       "polygon (as detectron2 does)", path, dropped_polygons, len(data["annotations"]) - len(kept))
+        data["annotations"] = kept
 
     coco = COCO()
     coco.dataset = data
@@ -308,6 +366,18 @@ def resize_shape(width: int, height: int, min_size: int = 800, max_size: int | N
     return oh, ow
 
 
+def _sixteen_bit_to_8bit(im: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image (PIL modes ``I;16*`` / ``I``) scaled to 8 bits (``v / 257``, rounded).
+
+    PIL's own ``convert("RGB")`` clips such values at 255 instead of scaling them, which turns
+    most of a 16-bit image white. Other modes are returned unchanged.
+    """
+    if not (im.mode.startswith("I;16") or im.mode == "I"):
+        return im
+    arr = np.asarray(im, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), mode="L")
+
+
 def load_image(path: str | Path, expected_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode an image file fully, apply its EXIF orientation and convert it to RGB.
 
@@ -318,6 +388,8 @@ def load_image(path: str | Path, expected_size: tuple[int, int] | None = None) -
 
     Returns:
         ``PIL.Image`` in mode ``RGB``, fully loaded (the file is closed), original pixels.
+        Grayscale, palette, CMYK and RGBA (alpha dropped) files are converted by PIL; 16-bit
+        grayscale is scaled to 8 bits (:func:`_sixteen_bit_to_8bit`).
 
     Raises:
         DataError: file missing; unreadable, corrupt or truncated (the decode is forced with
@@ -332,7 +404,7 @@ def load_image(path: str | Path, expected_size: tuple[int, int] | None = None) -
         with Image.open(path) as im:
             im.load()
             oriented = ImageOps.exif_transpose(im)
-            rgb = oriented.convert("RGB")
+            rgb = _sixteen_bit_to_8bit(oriented).convert("RGB")
             rgb.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"corrupt or truncated image file {path}: {type(exc).__name__}: {exc}") from None

@@ -19,8 +19,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -31,6 +29,8 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
+
+from .utils import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -241,24 +241,14 @@ def _json_safe(obj):
     return obj
 
 
-def write_json_atomic(path: str | Path, obj) -> Path:
-    """Write ``obj`` as strict JSON to ``path`` atomically: a temp file in the same directory,
-    flushed and fsynced, then ``os.replace`` - a reader never sees a half-written file.
-    NaN / inf floats are written as ``null``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(_json_safe(obj), fh, allow_nan=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+def write_json_atomic(path: str | Path, obj, fault: str | None = None) -> Path:
+    """Write ``obj`` as strict JSON to ``path`` atomically (:func:`pipeline.utils.write_bytes_atomic`):
+    a reader never sees a half-written file. NaN / inf floats are written as ``null``.
+
+    Raises:
+        OSError: ``path`` cannot be written (disk full, permissions), naming it.
+    """
+    return write_bytes_atomic(path, json.dumps(_json_safe(obj), allow_nan=False).encode(), fault=fault)
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,7 +393,7 @@ def evaluate_coco(
         if t not in ("segm", "bbox"):
             raise ValueError(f"unknown iou type {t!r} (expected 'segm' or 'bbox')")
 
-    results_path = write_json_atomic(out_dir / RESULTS_FILE, results)
+    results_path = write_json_atomic(out_dir / RESULTS_FILE, results, fault="evaluate.results")
     logger.info("wrote %d results to %s", len(results), results_path)
     metrics: dict = {}
     if banner:
@@ -458,6 +448,6 @@ def evaluate_coco(
         say(_ap_table(iou_type, m))
         say(_per_category_table(iou_type, m["per_category"]))
 
-    write_json_atomic(out_dir / METRICS_FILE, metrics)
+    write_json_atomic(out_dir / METRICS_FILE, metrics, fault="evaluate.metrics")
     logger.info("wrote %s", out_dir / METRICS_FILE)
     return metrics

@@ -22,7 +22,8 @@ from kernels import ops as kernel_ops
 from . import data
 from .cache import DONE, PENDING, RANDOM_INIT_BANNER, SKIPPED, FeatureCache, ImageLayout
 from .detectors import build_detector
-from .utils import file_sha256
+from .faults import fault_point
+from .utils import WriterLock, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -173,13 +174,13 @@ def _extract_indices(opts: ExtractOptions, indices: list[int], detector=None, co
             log.warning("skipping image %d: %s", image_id, e)
             if in_main:
                 cache.mark_skipped(i, str(e))
-            else:
-                cache.group["done"][i] = SKIPPED
+            else:  # the main process records it (reason, then flag); a crash before leaves it pending
                 skipped.append((i, str(e)))
             continue
         x = data.preprocess(image, opts.min_size, opts.max_size).to(opts.device, dtype)
         mask = torch.zeros((1,) + x.shape[1:], dtype=torch.bool, device=opts.device)
         ex = detector.extract(x[None], mask, list(cache.encoder_layers), cache.fingerprint["top_k"])[0]
+        fault_point("extract.before_write", opts.out)
         cache.write(i, queries=ex.queries, logits=ex.logits, boxes=ex.boxes, query_index=ex.query_index,
                     encoder_tokens=ex.encoder_tokens, spatial_shapes=ex.spatial_shapes,
                     valid_ratios=ex.valid_ratios, c1=ex.c1)
@@ -196,13 +197,58 @@ def run_extract(opts: ExtractOptions) -> dict:
             written stay done and a re-run resumes after the fix).
         CacheError: an existing store at ``out`` was written with other settings.
         CheckpointError / ValueError: weights missing or of another model.
+        LockError: another live ``extract`` writes ``out`` (the lock file ``<out>.lock`` names it).
+        OSError: the store cannot be written (disk full, permissions); finished images stay done.
     """
+    with WriterLock(lock_path(opts.out), command="extract"):
+        return _run_extract_locked(opts)
+
+
+def check_images_before_compute(coco, image_ids: list[int], image_dir: str | Path, skip_bad_images: bool,
+                                sample: int = 3) -> None:
+    """Fail fast, before the detector is built: every selected image file exists, and the first
+    ``sample`` of them decode to their annotated size.
+
+    Raises:
+        data.DataError: a missing file (the message counts them and names the first few) or a
+            sample image that does not decode, unless ``skip_bad_images`` (then a warning: those
+            images will be skipped and recorded).
+    """
+    paths = [Path(image_dir) / coco.imgs[i]["file_name"] for i in image_ids]
+    missing = [str(p) for p in paths if not p.is_file()]
+    problems = [f"{len(missing)} of {len(paths)} image files are missing, e.g. {', '.join(missing[:3])}"] if missing else []
+    for image_id, path in list(zip(image_ids, paths))[:sample]:
+        if path.is_file():
+            info = coco.imgs[image_id]
+            try:
+                data.load_image(path, expected_size=(int(info["width"]), int(info["height"])))
+            except data.DataError as exc:
+                problems.append(str(exc))
+    if not problems:
+        return
+    if skip_bad_images:
+        for problem in problems:
+            log.warning("%s (these images will be skipped and recorded)", problem)
+        return
+    raise data.DataError("; ".join(problems) + " (fix the dataset or pass --skip-bad-images)")
+
+
+def lock_path(out: str | Path) -> Path:
+    """The lock file of the store ``out``: ``<out>.lock`` beside it (the store itself is created
+    under another name and renamed, so the lock cannot live inside it)."""
+    out = Path(out)
+    return out.with_name(out.name + ".lock")
+
+
+def _run_extract_locked(opts: ExtractOptions) -> dict:
+    """:func:`run_extract` once the store's lock is held."""
     impl_info = kernel_ops.configure(opts.impl)
     ann_file, image_dir = data.resolve_dataset(opts.coco_root, opts.split, opts.ann_file, opts.image_dir)
     coco = data.load_coco(ann_file, require_annotations=False)  # test-dev image-info files have none
     image_ids = data.select_image_ids(coco, opts.image_ids, opts.max_images)
     if not 1 <= opts.top_k:
         raise ValueError(f"--top-k must be >= 1, got {opts.top_k}")
+    check_images_before_compute(coco, image_ids, image_dir, opts.skip_bad_images)
     detector, sha = build_frozen_detector(opts)
     if opts.top_k > detector.num_queries:
         raise ValueError(f"--top-k {opts.top_k} exceeds the detector's {detector.num_queries} queries")

@@ -8,10 +8,10 @@ RNG states plus the resolved config, so ``--resume`` continues a killed run to t
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
-import os
 import random
 import subprocess
 import time
@@ -28,7 +28,9 @@ from .batches import (CachedImages, EpochSampler, annotation_file, category_maps
                       to_xyxy_pixels)
 from .cache import CacheError, FeatureCache
 from .config import Config, save_config
+from .faults import fault_point
 from .head import HeadConfig, build_head, mask_targets_in_boxes
+from .utils import WriterLock, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +111,17 @@ def _set_rng_state(state: dict, sample_gen: torch.Generator) -> None:
 
 
 def save_checkpoint(path: Path, **payload) -> None:
-    """``torch.save`` to a temp file then ``os.replace``: a crash never leaves half a checkpoint."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` ``payload`` to ``path`` atomically (:func:`pipeline.utils.write_bytes_atomic`).
+
+    Serialised in memory first, so that a full disk raises an ``OSError`` naming ``path`` (not
+    torch's stream-writer error) and a crash never leaves half a checkpoint.
+
+    Raises:
+        OSError: ``path`` cannot be written (disk full, permissions).
+    """
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes_atomic(path, buffer.getvalue(), fault="train.checkpoint")
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -151,13 +160,22 @@ def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: st
             and written to ``metrics.jsonl``, not part of the config (a resumed run may change it).
 
     Returns:
-        ``{"step": int, "head": path, "eval": metrics or None}``.
+        ``{"step": int, "resumed_at": step the run resumed at (None for a fresh run),
+        "steps_run": iterations this call trained, "head": path, "eval": metrics or None}``.
 
     Raises:
         CacheError: unusable/stale cache; ConfigError: bad config; ValueError: bad resume.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with WriterLock(out / "train.lock", command="train-head"):
+        return _train_locked(cfg, cache_path, out, val_cache=val_cache, resume=resume, device=device,
+                             ann_file=ann_file, val_ann_file=val_ann_file, progress=progress, impl=impl)
+
+
+def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, device, ann_file, val_ann_file,
+                  progress, impl) -> dict:
+    """:func:`train` once the run directory's lock is held."""
     tc = cfg.train
     if tc.boxes not in ("pred", "gt"):
         raise ValueError(f"train.boxes must be 'pred' or 'gt', got {tc.boxes!r}")
@@ -216,9 +234,10 @@ def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: st
              total, iters_per_epoch, dev)
 
     dataset = CachedImages(cache_path, indices, tc.encoder_layer, ann, with_gt=True)
-    metrics_file = open(out / "metrics.jsonl", "a")
+    metrics_file = _open_metrics_log(out / "metrics.jsonl", step)
     metrics_file.write(json.dumps({"step": step, "run": {"git": git_sha(), "device": str(dev), "impl": impl_info,
                                                          "resumed": bool(resume)}}) + "\n")
+    start_step = step
     autocast = tc.amp and dev.type == "cuda"
     meta = {"kind": "mask-frozen-detr-head", "version": CHECKPOINT_VERSION, "config": cfg.to_dict(),
             "fingerprint": cache.fingerprint, "git": git_sha(), "total_iters": total}
@@ -250,6 +269,9 @@ def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: st
                     losses = criterion(outputs, {"masks": targets["masks"].to(dev),
                                                  "labels": targets["labels"].to(dev)}, generator=sample_gen)
                     loss = losses["loss"]
+            if not bool(torch.isfinite(loss.detach())):
+                raise NonFiniteLossError(_non_finite_message(loss, items, step + 1, ckpt_path))
+            fault_point("train.mid_step", out)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, tc.clip_grad_norm)
@@ -276,12 +298,52 @@ def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: st
     bar.close()
     payload = checkpoint_payload()
     save_checkpoint(out / "head.pt", **payload)
-    result = {"step": step, "head": str(out / "head.pt"), "eval": None}
+    result = {"step": step, "resumed_at": start_step if resume else None, "steps_run": step - start_step,
+              "head": str(out / "head.pt"), "eval": None}
     if val_cache is not None:
         result["eval"] = _evaluate_into(head, cfg, val_cache, out / "eval", dev, tc.boxes, val_ann_file,
                                         metrics_file, step)
     metrics_file.close()
     return result
+
+
+class NonFiniteLossError(ValueError):
+    """The loss became NaN/Inf; training stopped before the update (the last checkpoint is intact)."""
+
+
+FEATURE_KEYS = ("queries", "tokens", "c1", "boxes")
+
+
+def _non_finite_message(loss: torch.Tensor, items: list[dict], step: int, ckpt_path: Path) -> str:
+    """Name the step, the images of the batch, and which of them hold non-finite cached values."""
+    ids = [int(it["image_id"]) for it in items]
+    culprits = [f"{int(it['image_id'])} ({', '.join(k for k in FEATURE_KEYS if not bool(torch.isfinite(it[k]).all()))})"
+                for it in items if not all(bool(torch.isfinite(it[k]).all()) for k in FEATURE_KEYS)]
+    where = (f"non-finite cached values in image(s) {'; '.join(culprits)}: re-extract them"
+             if culprits else "the cached inputs are finite: lower train.lr or check the config")
+    last = f"{ckpt_path} is intact; continue with --resume" if ckpt_path.is_file() else "no checkpoint was written yet"
+    return (f"loss is {float(loss.detach()):g} at step {step} on images {ids}; {where}. Stopped before the "
+            f"update: {last}")
+
+
+def _open_metrics_log(path: Path, step: int):
+    """Open ``metrics.jsonl`` for appending, holding only the records of steps ``<= step``.
+
+    A fresh run (``step == 0``) starts an empty log; a resumed run drops what the killed run
+    logged after its last checkpoint (those steps are trained again), so every step is logged
+    exactly once. The kept lines are rewritten atomically.
+    """
+    kept = []
+    if step > 0 and path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the crash
+                continue
+            if int(rec.get("step", 0)) <= step:
+                kept.append(line + "\n")
+    write_bytes_atomic(path, "".join(kept).encode())
+    return open(path, "a")
 
 
 def _evaluate_into(head, cfg, val_cache, out_dir, dev, boxes_mode, ann_file, metrics_file, step):

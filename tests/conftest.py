@@ -23,9 +23,28 @@ SMALL_HEAD = ["head.c1_channels=16", "head.image_encoder_layers=1", "head.box_di
               "head.num_points=1024", "train.log_every=1"]
 
 
+def skip_or_fail_without(path: Path, what: str) -> None:
+    """Skip a test whose reference data ``path`` is absent, or FAIL it when ``CI`` is set.
+
+    CI must never go green having checked nothing: there, missing shared data is an error.
+    """
+    if path.exists():
+        return
+    message = f"{what} not found at {path}"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message} (CI is set, so tests that need it fail instead of skipping)", pytrace=False)
+    pytest.skip(message)
+
+
 def require_coco():
-    if not (COCO_ROOT / "annotations" / "instances_val2017.json").is_file():
-        pytest.skip(f"real COCO subset not found at {COCO_ROOT}")
+    """Skip (fail under ``CI``) unless the real COCO subset is present."""
+    skip_or_fail_without(COCO_ROOT / "annotations" / "instances_val2017.json", "real COCO subset")
+
+
+@pytest.fixture
+def coco_required():
+    """Fixture form of :func:`require_coco` (``pytest.mark.usefixtures("coco_required")``)."""
+    require_coco()
 
 
 def run_cli(*args, check=True, env=None, timeout=900):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,19 +26,15 @@ from pipeline.data import (
     select_image_ids,
 )
 
-COCO_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco"
+from .conftest import COCO_ROOT, require_coco
 EMPTY_VAL_IMAGES = (58636, 226111)
 
-needs_coco = pytest.mark.skipif(
-    not (COCO_ROOT / "annotations" / "instances_val2017.json").is_file(),
-    reason=f"real COCO subset not found at {COCO_ROOT}",
-)
+needs_coco = pytest.mark.usefixtures("coco_required")
 
 
 @pytest.fixture(scope="module")
 def val():
-    if not (COCO_ROOT / "annotations" / "instances_val2017.json").is_file():
-        pytest.skip(f"real COCO subset not found at {COCO_ROOT}")
+    require_coco()
     ann, img_dir = resolve_dataset(COCO_ROOT, "val2017")
     return load_coco(ann), img_dir, ann
 

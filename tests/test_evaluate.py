@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +25,7 @@ from pipeline.evaluate import (
     paste_masks,
 )
 
-COCO_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco"
+from .conftest import COCO_ROOT, require_coco
 VAL_ANN = COCO_ROOT / "annotations" / "instances_val2017.json"
 EMPTY_VAL_IMAGE = 58636
 BANNER = "RANDOM-INIT DETECTOR: numbers are meaningless"
@@ -34,8 +33,7 @@ BANNER = "RANDOM-INIT DETECTOR: numbers are meaningless"
 
 @pytest.fixture(scope="module")
 def coco_val():
-    if not VAL_ANN.is_file():
-        pytest.skip(f"real COCO subset not found at {COCO_ROOT}")
+    require_coco()
     return load_coco(VAL_ANN)
 
 

@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import zarr
 
-from pipeline.cache import DONE, SKIPPED, FeatureCache
+from pipeline.cache import DONE, PENDING, SKIPPED, FeatureCache
 
 from .conftest import COCO_ROOT, REPO, SMALL_EXTRACT, require_coco, run_cli
 
@@ -130,18 +131,22 @@ def _copy_dataset(tmp_path: Path, n: int = 4):
 def test_bad_image_stops_with_error_or_is_skipped(tmp_path):
     require_coco()
     ann_file, img_dir, images = _copy_dataset(tmp_path)
-    bad = img_dir / images[2]["file_name"]
+    bad = img_dir / images[3]["file_name"]  # past the 3 images decoded before the detector is built
     bad.write_bytes(bad.read_bytes()[:2000])  # truncated JPEG
     out = tmp_path / "c.zarr"
     common = [*SMALL_EXTRACT, "--ann-file", ann_file, "--image-dir", img_dir, "--out", out]
     proc = run_cli("extract", *common, check=False)
-    assert proc.returncode == 2 and images[2]["file_name"] in proc.stderr
-    status = FeatureCache.open(out).status()
-    assert status[:2].tolist() == [DONE, DONE]  # written before the error: kept
+    assert proc.returncode == 2 and images[3]["file_name"] in proc.stderr
+    before = FeatureCache.open(out)
+    assert before.status().tolist() == [DONE, DONE, DONE, PENDING]  # written before the error: kept
+    kept = [before.read(i, 6) for i in range(3)]
     proc = run_cli("extract", *common, "--skip-bad-images")
     cache = FeatureCache.open(out)
-    assert cache.status().tolist() == [DONE, DONE, SKIPPED, DONE]
-    assert list(cache.skipped) == [str(images[2]["id"])]
+    assert cache.status().tolist() == [DONE, DONE, DONE, SKIPPED]
+    assert list(cache.skipped) == [str(images[3]["id"])]
+    for i in range(3):  # array contents, not just flags, survived the error and the re-run
+        again = cache.read(i, 6)
+        assert all(torch.equal(v, again[k]) for k, v in kept[i].items() if isinstance(v, torch.Tensor))
 
 
 def test_missing_image_and_wrong_size(tmp_path):

@@ -68,7 +68,14 @@ def test_sigkill_and_resume_gives_same_weights(tmp_path, small_caches):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "head.pt").exists()
-    run_cli(*common, "--resume", "--out", killed)
+    saved = load_checkpoint(killed / "checkpoint.pt")["step"]
+    assert 4 <= saved < 8
+    again = run_cli(*common, "--resume", "--out", killed)
+    # the resume really continued from the checkpoint (fixed seeds would hide a restart from step 0)
+    assert f"resumed at step {saved}; trained {8 - saved} more step(s)" in again.stdout
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
+             if "eval" not in json.loads(line)]
+    assert steps == sorted(set(steps)) and steps[-1] == 8  # every logged step once, none repeated
     a = load_checkpoint(tmp_path / "straight" / "head.pt")
     b = load_checkpoint(killed / "head.pt")
     assert a["step"] == b["step"] == 8

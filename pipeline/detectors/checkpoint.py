@@ -37,7 +37,7 @@ def _unsupported_global(message: str) -> str | None:
     m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
     if m:
         return m.group(1)
-    m = re.search(r"global '?([\w.]+)'? ", message)
+    m = re.search(r"global '?([\w.]+)'? ", message) or re.search(r"unsupported GLOBAL ([\w.]+)", message)
     return m.group(1) if m else None
 
 

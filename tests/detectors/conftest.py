@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ..conftest import skip_or_fail_without
+
 #: ``../shared/detector`` relative to the repository root (reference data, read-only).
 SHARED_DETECTOR_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "detector"
 
@@ -14,8 +16,7 @@ SHARED_DETECTOR_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "d
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The reference-data directory; the test is skipped when it is absent."""
-    if not SHARED_DETECTOR_DIR.is_dir():
-        pytest.skip(f"reference data directory {SHARED_DETECTOR_DIR} is absent")
+    skip_or_fail_without(SHARED_DETECTOR_DIR, "reference data directory")
     return SHARED_DETECTOR_DIR
 
 
@@ -23,8 +24,7 @@ def shared_dir() -> Path:
 def golden(shared_dir: Path) -> dict:
     """``golden_dino_focalnet_small.pt``: state_dict (float16), inputs, outputs, outputs_float64."""
     path = shared_dir / "golden_dino_focalnet_small.pt"
-    if not path.is_file():
-        pytest.skip(f"golden fixture {path} is absent")
+    skip_or_fail_without(path, "golden fixture")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
