@@ -157,7 +157,8 @@ def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: st
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
         ann_file / val_ann_file: annotation files if they moved since extraction.
         impl: deformable-attention kernel (:data:`kernels.ops.IMPLS`): a run-time choice, logged
-            and written to ``metrics.jsonl``, not part of the config (a resumed run may change it).
+            and written to every ``metrics.jsonl`` step record (``"impl"``: the kernel that ran),
+            not part of the config (a resumed run may change it).
 
     Returns:
         ``{"step": int, "resumed_at": step the run resumed at (None for a fresh run),
@@ -235,8 +236,7 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
 
     dataset = CachedImages(cache_path, indices, tc.encoder_layer, ann, with_gt=True)
     metrics_file = _open_metrics_log(out / "metrics.jsonl", step)
-    metrics_file.write(json.dumps({"step": step, "run": {"git": git_sha(), "device": str(dev), "impl": impl_info,
-                                                         "resumed": bool(resume)}}) + "\n")
+    kernel = impl_info["resolved"].get(dev.type, impl_info["impl"])  # the kernel this run's steps use
     start_step = step
     autocast = tc.amp and dev.type == "cuda"
     meta = {"kind": "mask-frozen-detr-head", "version": CHECKPOINT_VERSION, "config": cfg.to_dict(),
@@ -283,7 +283,7 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
             bar.set_postfix(loss=f"{loss.detach().item():.4f}")
             if step % tc.log_every == 0 or step == total:
                 rec = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                       "grad_norm": float(grad_norm), "time": round(time.time() - t0, 2),
+                       "grad_norm": float(grad_norm), "time": round(time.time() - t0, 2), "impl": kernel,
                        **{k: v.detach().item() for k, v in losses.items()}}
                 metrics_file.write(json.dumps(rec) + "\n")
                 metrics_file.flush()
