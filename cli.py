@@ -26,9 +26,10 @@ def _user_errors():
     from pipeline.config import ConfigError
     from pipeline.data import DataError
 
+    from kernels.ops import KernelUnavailableError
     from pipeline.utils import LockError
 
-    errors = [CacheError, ConfigError, DataError, LockError, ValueError, FileNotFoundError]
+    errors = [CacheError, ConfigError, DataError, LockError, KernelUnavailableError, ValueError, FileNotFoundError]
     try:
         from pipeline.detectors.checkpoint import CheckpointError
 
@@ -56,6 +57,20 @@ def friendly_errors(fn):
             sys.exit(1)
 
     return wrapper
+
+
+def impl_option(fn):
+    """``--impl auto|cuda|cpu|reference`` (env MFDETR_IMPL): the deformable-attention kernel of this run.
+
+    A run-time choice: logged and written to the run's metrics, never part of a cache's
+    fingerprint or of the config ``--resume`` compares.
+    """
+    from kernels.ops import ENV_VAR, IMPLS
+
+    return click.option(
+        "--impl", type=click.Choice(IMPLS), default="auto", show_default=True, envvar=ENV_VAR,
+        help=f"Deformable-attention kernel (env {ENV_VAR}): auto = the compiled kernel for the device if built, "
+             "else the pure-PyTorch reference; cpu / cuda = the compiled kernel (error if not built).")(fn)
 
 
 def _int_list(ctx, param, value):
@@ -117,6 +132,7 @@ def main(verbose):
               help="Record unreadable images in the store's skipped list and go on (default: stop with an error).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out instead of resuming it.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output .zarr store.")
+@impl_option
 @friendly_errors
 def extract(**kw):
     """Run the frozen detector ONCE per image and write the feature cache (resumable).
@@ -177,9 +193,10 @@ def check_weights(detector, preset, weights):
 @click.option("--val-ann-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Validation annotations, if moved since extraction.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
+@impl_option
 @friendly_errors
 def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batch_size, boxes, device, resume,
-               ann_file, val_ann_file, out):
+               ann_file, val_ann_file, out, impl):
     """Train the mask head from the cache only (the detector is never built).
 
     Writes <out>/config.yaml (resolved), <out>/metrics.jsonl, <out>/checkpoint.pt (latest) and
@@ -195,7 +212,7 @@ def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batc
             extra.append(f"train.{key}={val}")
     cfg = load_config(config_path, extra)
     result = train(cfg, cache, out, val_cache=val_cache, resume=resume, device=device, ann_file=ann_file,
-                   val_ann_file=val_ann_file)
+                   val_ann_file=val_ann_file, impl=impl)
     if result["resumed_at"] is not None:
         click.echo(f"resumed at step {result['resumed_at']}; trained {result['steps_run']} more step(s)")
     click.echo(f"head: {result['head']} (step {result['step']})")
@@ -215,8 +232,9 @@ def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batc
               help="Override evaluate.* fields, e.g. --set evaluate.top_n=50.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder for coco_instances_results.json and metrics.json.")
+@impl_option
 @friendly_errors
-def evaluate(cache, checkpoint, boxes, device, ann_file, format_only, overrides, out):
+def evaluate(cache, checkpoint, boxes, device, ann_file, format_only, overrides, out, impl):
     """COCO mask (segm) and box AP of a trained head; writes results json and metrics.json."""
     from pipeline.config import apply_overrides, config_from_dict
     from pipeline.evaluate import format_ap_table
@@ -231,7 +249,7 @@ def evaluate(cache, checkpoint, boxes, device, ann_file, format_only, overrides,
     dev = resolve_device(device)
     head.to(dev)
     metrics = evaluate_cache(head, cfg, cache, out, device=dev, boxes=boxes or cfg.train.boxes, ann_file=ann_file,
-                             format_only=format_only, expected_fingerprint=ckpt["fingerprint"])
+                             format_only=format_only, expected_fingerprint=ckpt["fingerprint"], impl=impl)
     if not format_only:
         click.echo(format_ap_table(metrics))
     click.echo(f"results: {Path(out) / 'coco_instances_results.json'}")
@@ -309,25 +327,55 @@ def detectors(min_size, max_size, top_k, dtype, show_all):
 # --------------------------------------------------------------------------------------- env
 @main.command()
 def env():
-    """Print library versions, devices and the kernel implementations available."""
+    """Print versions (torch, CUDA, nvcc), GPUs and their compute capability, the CUDA architectures
+    compiled into the kernels, and the kernel implementations available (warns on a mismatch)."""
     import platform
+    import shutil
+    import subprocess
 
     import numcodecs
     import torch
     import torchvision
     import zarr
 
-    from kernels.ops import MS_DEFORM_ATTN_IMPLS
+    from kernels import ops
+
+    def nvcc_version() -> str:
+        import os
+
+        home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+        nvcc = shutil.which("nvcc") or (str(Path(home) / "bin" / "nvcc") if home else None)
+        if not nvcc or not Path(nvcc).exists():
+            return "not found (the CUDA kernel cannot be built here)"
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.splitlines()
+        release = [line.strip() for line in out if "release" in line]
+        return f"{release[0] if release else '?'} ({nvcc})"
 
     click.echo(f"python       {platform.python_version()}")
     click.echo(f"torch        {torch.__version__} (CUDA build {torch.version.cuda}, available: {torch.cuda.is_available()})")
+    click.echo(f"nvcc         {nvcc_version()}")
+    compiled_archs = ops.compiled_cuda_archs()
+    warnings = []
     if torch.cuda.is_available():
-        click.echo(f"devices      {[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}")
-        click.echo(f"arch list    {torch.cuda.get_arch_list()}")
+        for i in range(torch.cuda.device_count()):
+            cap = "%d.%d" % torch.cuda.get_device_capability(i)
+            click.echo(f"gpu {i}        {torch.cuda.get_device_name(i)} (compute capability {cap})")
+            if ops.compiled_available("cuda") and not any(a.split("+")[0] == cap for a in compiled_archs):
+                warnings.append(f"gpu {i} has compute capability {cap}, the CUDA kernel was compiled for "
+                                f"{compiled_archs} (PTX JIT at best): rebuild with TORCH_CUDA_ARCH_LIST={cap}")
+        click.echo(f"torch archs  {torch.cuda.get_arch_list()}")
+    elif ops.compiled_available("cuda"):
+        warnings.append("the CUDA kernel is built but no GPU is visible")
     click.echo(f"torchvision  {torchvision.__version__}")
     click.echo(f"zarr         {zarr.__version__}; numcodecs {numcodecs.__version__}")
-    click.echo(f"ms_deform_attn implementations: {', '.join(MS_DEFORM_ATTN_IMPLS)} (no compiled kernel yet)")
-
+    ext = "built" if ops.COMPILED_ERROR is None else f"not built ({ops.COMPILED_ERROR}); {ops.BUILD_HINT}"
+    click.echo(f"kernels._C   {ext}")
+    click.echo(f"CUDA archs compiled in: {', '.join(compiled_archs) if compiled_archs else 'none (CPU-only build)'}")
+    click.echo(f"ms_deform_attn implementations: {', '.join(ops.available_impls())}; "
+               f"setting: {ops.get_impl()} (--impl / {ops.ENV_VAR}) -> "
+               + ", ".join(f"{k}: {v}" for k, v in ops.describe_impl()["resolved"].items()))
+    for w in warnings:
+        click.echo(f"WARNING: {w}")
 
 if __name__ == "__main__":
     main()

@@ -72,3 +72,37 @@ def ms_deform_attn(
         part = torch.matmul(sampled.permute(0, 2, 1, 3), weights)[..., 0]  # [N*M, Lq, Dh]
         out = part if out is None else out + part
     return out.view(n, m, lq, dh).permute(0, 2, 1, 3).reshape(n, lq, m * dh)
+
+
+def fused_roi_align(
+    c1: Tensor,
+    e: Tensor,
+    boxes: Tensor,
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+) -> Tensor:
+    """RoIAlign of ``F = c1 + interpolate(e)``, materialising F (the definition the fused kernels match).
+
+    ``torchvision.ops.roi_align(c1 + F.interpolate(e, size=c1.shape[-2:], mode="bilinear",
+    align_corners=False), boxes, output_size, spatial_scale, sampling_ratio, aligned=True)``
+    (Mask Frozen-DETR Eq. 3 and 5: the head pools F = Neck(C1) + interpolate(ImageEncoder(E))).
+
+    Args:
+        c1: ``Tensor[B, C, H, W]`` the stride-4 map.
+        e: ``Tensor[B, C, He, We]`` the coarser map, bilinearly resized to ``(H, W)``.
+        boxes: ``Tensor[K, 5]`` ``(batch index, x1, y1, x2, y2)``, xyxy in the input pixel
+            coordinates that ``spatial_scale`` maps to c1's pixels; ``aligned=True``: pixel
+            centres at half-integers of those coordinates.
+        output_size: ``R`` or ``(PH, PW)``.
+        spatial_scale: box coordinates -> c1 pixels.
+        sampling_ratio: samples per bin side; ``<= 0`` = adaptive ``ceil(box size / output size)``.
+
+    Returns:
+        ``Tensor[K, C, PH, PW]`` in c1's dtype.
+    """
+    from torchvision.ops import roi_align
+
+    fused = c1 + F.interpolate(e, size=c1.shape[-2:], mode="bilinear", align_corners=False)
+    return roi_align(fused, boxes, output_size, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio,
+                     aligned=True)

@@ -347,6 +347,7 @@ def evaluate_coco(
     banner: str | None = None,
     format_only: bool = False,
     image_ids: Sequence[int] | None = None,
+    extra: dict | None = None,
 ) -> dict:
     """Write COCO results, run the official COCOeval, print and save the numbers.
 
@@ -374,6 +375,8 @@ def evaluate_coco(
         format_only: only write the results json; no evaluation, no ground truth needed.
         image_ids: the images that were evaluated (images with no prediction count as misses);
             ``None`` = every image of ``coco_gt``.
+        extra: run facts stored as-is at the top level of ``metrics.json`` (e.g. ``{"impl": ...}``,
+            the kernel that ran); keys must not clash with iou types or ``banner``.
 
     Returns:
         The metrics dict (as written to ``metrics.json`` but with NaN floats kept); ``{}`` (plus
@@ -395,6 +398,7 @@ def evaluate_coco(
     metrics: dict = {}
     if banner:
         metrics["banner"] = banner
+    metrics.update(extra or {})
     if format_only:
         logger.info("format_only: results written, evaluation skipped")
         return metrics

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from kernels import ops as kernel_ops
+
 from . import data
 from .cache import DONE, PENDING, RANDOM_INIT_BANNER, SKIPPED, FeatureCache, ImageLayout
 from .detectors import build_detector
@@ -38,6 +40,8 @@ class ExtractOptions:
         top_k: queries kept per image.
         dtype: stored feature dtype (``float16``, ``bfloat16``, ``float32``).
         min_size, max_size: test-time resize (pixels): shorter side, cap on the longer side.
+        impl: deformable-attention kernel (:data:`kernels.ops.IMPLS`); a run-time choice, not in
+            the fingerprint (caches extracted with different kernels are used together).
     """
 
     out: Path
@@ -62,6 +66,7 @@ class ExtractOptions:
     skip_bad_images: bool = False
     overwrite: bool = False
     workers: int = 1
+    impl: str = "auto"
 
 
 def build_frozen_detector(opts: ExtractOptions):
@@ -148,6 +153,8 @@ def _extract_indices(opts: ExtractOptions, indices: list[int], detector=None, co
     the reason for the main process to record.
     """
     in_main = detector is not None
+    if not in_main:  # a fresh worker process: the run-time kernel choice is per process
+        kernel_ops.set_impl(opts.impl)
     ann_file, image_dir = data.resolve_dataset(opts.coco_root, opts.split, opts.ann_file, opts.image_dir)
     cache = FeatureCache.open(opts.out, mode="r+")
     if detector is None:
@@ -237,6 +244,7 @@ def lock_path(out: str | Path) -> Path:
 
 def _run_extract_locked(opts: ExtractOptions) -> dict:
     """:func:`run_extract` once the store's lock is held."""
+    impl_info = kernel_ops.configure(opts.impl)
     ann_file, image_dir = data.resolve_dataset(opts.coco_root, opts.split, opts.ann_file, opts.image_dir)
     coco = data.load_coco(ann_file, require_annotations=False)  # test-dev image-info files have none
     image_ids = data.select_image_ids(coco, opts.image_ids, opts.max_images)
@@ -284,5 +292,6 @@ def _run_extract_locked(opts: ExtractOptions) -> dict:
         "seconds_per_image": round(seconds / max(1, n_now), 3),
         "mb_per_image": round(cache.disk_bytes() / 1e6 / max(1, n_done), 3),
         "random_init": fingerprint["random_init"],
+        "impl": impl_info,
     }
     return summary

@@ -12,6 +12,8 @@ import logging
 import torch
 from tqdm import tqdm
 
+from kernels import ops as kernel_ops
+
 from . import data
 from .batches import CachedImages, annotation_file, category_maps, image_features, to_xyxy_pixels
 from .cache import RANDOM_INIT_BANNER, FeatureCache
@@ -93,7 +95,7 @@ def predict_batch(head, postprocess, items: list[dict], maps: dict, cfg: Config,
 
 def evaluate_cache(head, cfg: Config, cache_path, out_dir, *, device="cpu", boxes: str = "pred",
                    ann_file=None, format_only: bool = False, expected_fingerprint: dict | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, impl: str | None = None) -> dict:
     """Predict every extracted image of ``cache_path`` and evaluate with COCOeval.
 
     Writes ``<out_dir>/coco_instances_results.json`` and ``<out_dir>/metrics.json`` (atomically).
@@ -103,6 +105,8 @@ def evaluate_cache(head, cfg: Config, cache_path, out_dir, *, device="cpu", boxe
         expected_fingerprint: fingerprint of the cache the head was trained on; a cache from
             another detector, checkpoint or preprocessing is refused.
         format_only: write results without ground truth (test-dev); no metrics.
+        impl: deformable-attention kernel (:data:`kernels.ops.IMPLS`) to set for this run; None
+            keeps the process's setting. Either way it is recorded in ``metrics.json`` (``"impl"``).
 
     Returns:
         the metrics dict of :func:`pipeline.evaluate.evaluate_coco`.
@@ -110,6 +114,7 @@ def evaluate_cache(head, cfg: Config, cache_path, out_dir, *, device="cpu", boxe
     Raises:
         CacheError: stale/foreign cache or missing annotation file.
     """
+    impl_info = kernel_ops.configure(impl) if impl is not None else kernel_ops.describe_impl()
     cache = FeatureCache.open(cache_path, expected=expected_fingerprint)
     ann = annotation_file(cache.fingerprint, ann_file)
     coco = data.load_coco(ann, require_annotations=not format_only)
@@ -131,4 +136,5 @@ def evaluate_cache(head, cfg: Config, cache_path, out_dir, *, device="cpu", boxe
         log.warning("%d images were skipped at extraction and are not evaluated: %s", len(cache.skipped),
                     sorted(cache.skipped))
     image_ids = [int(cache.image_ids[i]) for i in indices]
-    return evaluate_coco(coco, results, out_dir, banner=banner, format_only=format_only, image_ids=image_ids)
+    return evaluate_coco(coco, results, out_dir, banner=banner, format_only=format_only, image_ids=image_ids,
+                         extra={"impl": impl_info})

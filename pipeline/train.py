@@ -22,6 +22,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from kernels import ops as kernel_ops
+
 from . import data
 from .batches import (CachedImages, EpochSampler, annotation_file, category_maps, collate_list, image_features,
                       to_xyxy_pixels)
@@ -143,7 +145,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: str | Path | None = None,
           resume: bool = False, device: str = "auto", ann_file: str | Path | None = None,
-          val_ann_file: str | Path | None = None, progress: bool = True) -> dict:
+          val_ann_file: str | Path | None = None, progress: bool = True, impl: str = "auto") -> dict:
     """Train the head on a cache; write ``<out>/head.pt``, ``metrics.jsonl``, ``config.yaml``.
 
     Args:
@@ -155,6 +157,9 @@ def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: st
         resume: continue from ``<out>/checkpoint.pt`` (the config must be the same).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1`` ...
         ann_file / val_ann_file: annotation files if they moved since extraction.
+        impl: deformable-attention kernel (:data:`kernels.ops.IMPLS`): a run-time choice, logged
+            and written to every ``metrics.jsonl`` step record (``"impl"``: the kernel that ran),
+            not part of the config (a resumed run may change it).
 
     Returns:
         ``{"step": int, "resumed_at": step the run resumed at (None for a fresh run),
@@ -167,16 +172,17 @@ def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: st
     out.mkdir(parents=True, exist_ok=True)
     with WriterLock(out / "train.lock", command="train-head"):
         return _train_locked(cfg, cache_path, out, val_cache=val_cache, resume=resume, device=device,
-                             ann_file=ann_file, val_ann_file=val_ann_file, progress=progress)
+                             ann_file=ann_file, val_ann_file=val_ann_file, progress=progress, impl=impl)
 
 
 def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, device, ann_file, val_ann_file,
-                  progress) -> dict:
+                  progress, impl) -> dict:
     """:func:`train` once the run directory's lock is held."""
     tc = cfg.train
     if tc.boxes not in ("pred", "gt"):
         raise ValueError(f"train.boxes must be 'pred' or 'gt', got {tc.boxes!r}")
     dev = resolve_device(device)
+    impl_info = kernel_ops.configure(impl)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     if tc.deterministic and dev.type == "cpu":
@@ -235,6 +241,7 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
 
     dataset = CachedImages(cache_path, indices, tc.encoder_layer, ann, with_gt=True)
     metrics_file = _open_metrics_log(out / "metrics.jsonl", step)
+    kernel = impl_info["resolved"].get(dev.type, impl_info["impl"])  # the kernel this run's steps use
     start_step = step
     autocast = tc.amp and dev.type == "cuda"
     meta = {"kind": "mask-frozen-detr-head", "version": CHECKPOINT_VERSION, "config": cfg.to_dict(),
@@ -281,7 +288,7 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
             bar.set_postfix(loss=f"{loss.detach().item():.4f}")
             if step % tc.log_every == 0 or step == total:
                 rec = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                       "grad_norm": float(grad_norm), "time": round(time.time() - t0, 2),
+                       "grad_norm": float(grad_norm), "time": round(time.time() - t0, 2), "impl": kernel,
                        **{k: v.detach().item() for k, v in losses.items()}}
                 metrics_file.write(json.dumps(rec) + "\n")
                 metrics_file.flush()
@@ -349,7 +356,7 @@ def _evaluate_into(head, cfg, val_cache, out_dir, dev, boxes_mode, ann_file, met
 
     metrics = evaluate_cache(head, cfg, val_cache, out_dir, device=dev, boxes=boxes_mode, ann_file=ann_file)
     metrics_file.write(json.dumps({"step": step, "eval": {k: {m: v for m, v in d.items() if m != "per_category"}
-                                                           for k, d in metrics.items() if isinstance(d, dict)}})
+                                                           for k, d in metrics.items() if isinstance(d, dict) and "AP" in d}})
                        + "\n")
     metrics_file.flush()
     return metrics

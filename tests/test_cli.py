@@ -67,7 +67,16 @@ def test_detectors_lists_releases():
 
 def test_env_prints_versions():
     out = run_cli("env").stdout
-    assert "torch" in out and "zarr" in out and "reference" in out
+    assert "torch" in out and "zarr" in out and "nvcc" in out and "CUDA archs compiled in" in out
+    impls = next(line for line in out.splitlines() if line.startswith("ms_deform_attn implementations"))
+    assert "reference" in impls
+    from kernels import ops
+
+    assert ("cpu," in impls) == ops.compiled_available("cpu")
+    # an explicit kernel that is not built: a clear error naming how to build it
+    if not ops.compiled_available("cuda"):
+        proc = run_cli("train-head", "--cache", "nowhere.zarr", "--impl", "cuda", "--out", "nowhere", check=False)
+        assert proc.returncode == 2 and "pip install -e" in proc.stderr, proc.stderr
 
 
 def test_two_dask_workers_write_the_same_store(tmp_path, small_caches):

@@ -162,3 +162,32 @@ def test_missing_image_and_wrong_size(tmp_path):
     proc = run_cli("extract", *SMALL_EXTRACT, "--ann-file", ann_file, "--image-dir", img_dir,
                    "--image-ids", str(images[0]["id"]), "--out", tmp_path / "b.zarr", check=False)
     assert proc.returncode == 2 and images[0]["file_name"] in proc.stderr and "647 x 426" in proc.stderr
+
+
+def test_caches_from_different_kernels_are_used_together(tmp_path):
+    """The kernel is a run-time choice: same fingerprint, values within 1e-5 (float32 store)."""
+    require_coco()
+    from kernels import ops
+
+    if not ops.compiled_available("cpu"):
+        import pytest
+
+        pytest.skip("CPU kernel not built")
+    stores = {}
+    for impl in ("reference", "cpu"):
+        stores[impl] = tmp_path / f"{impl}.zarr"
+        res = run_cli("extract", *SMALL_EXTRACT, "--coco-root", COCO_ROOT, "--split", "val2017", "--max-images", 2,
+                      "--dtype", "float32", "--impl", impl, "--out", stores[impl])
+        summary = json.loads(res.stdout[res.stdout.index("{"):])
+        assert summary["impl"]["impl"] == impl and summary["impl"]["resolved"]["cpu"] == impl
+    ref = FeatureCache.open(stores["reference"])
+    FeatureCache.open(stores["cpu"], expected=ref.fingerprint)  # accepted together (raises if not)
+    assert dict(zarr.open_group(str(stores["cpu"]), mode="r").attrs) == dict(
+        zarr.open_group(str(stores["reference"]), mode="r").attrs)
+    a, b = _arrays(stores["reference"]), _arrays(stores["cpu"])
+    assert sorted(a) == sorted(b)
+    for k in a:
+        if a[k].dtype.kind == "f":
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=k)
+        else:
+            assert np.array_equal(a[k], b[k]), k

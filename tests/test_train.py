@@ -177,3 +177,45 @@ def test_hdetr_r50_extract_then_train_head_reads_widths_from_the_cache(tmp_path)
     cfg = load_config(REPO / "configs" / "mfdetr_hdetr_r50.yaml", ["head.c1_channels=192"])
     with pytest.raises(ConfigError, match=r"head.c1_channels=192 in the config, but .*hdetr.zarr has c1_channels=256"):
         train(cfg, cache, tmp_path / "bad", device="cpu", progress=False)
+
+
+def test_resume_with_another_impl_continues(tmp_path, small_caches, monkeypatch):
+    """--impl is not part of the run's identity: a run stopped under the reference resumes on the kernel."""
+    from kernels import ops
+    from pipeline import train as train_module
+
+    if not ops.compiled_available("cpu"):
+        pytest.skip("CPU kernel not built")
+    cfg = load_config(CONFIG, list(SMALL_HEAD) + ["train.checkpoint_every=1", "train.max_iters=2",
+                                                  "train.batch_size=2"])
+    real_save = train_module.save_checkpoint
+
+    def save_then_stop(path, **payload):  # the run dies right after its step-1 checkpoint
+        real_save(path, **payload)
+        if payload["step"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+    try:
+        train_module.train(cfg, small_caches["train"], tmp_path / "run", device="cpu", progress=False,
+                           impl="reference")
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 1
+    result = train_module.train(cfg, small_caches["train"], tmp_path / "run", device="cpu", progress=False,
+                                resume=True, impl="cpu")
+    straight = train_module.train(cfg, small_caches["train"], tmp_path / "straight", device="cpu", progress=False,
+                                  impl="cpu")
+    assert result["step"] == straight["step"] == 2
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["impl"]) for r in records] == [(1, "reference"), (2, "cpu")]
+    # the resumed run continued the same training: its losses are the uninterrupted run's, up to the
+    # kernels' float32 rounding (weights are not compared: Adam's first steps turn rounding-level
+    # gradient differences of near-zero entries into lr-sized ones)
+    losses = {}
+    for name in ("run", "straight"):
+        lines = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [l["loss"] for l in lines if "loss" in l]
+    assert len(losses["run"]) == len(losses["straight"]) == 2
+    torch.testing.assert_close(losses["run"], losses["straight"], atol=1e-4, rtol=1e-4)

@@ -247,15 +247,14 @@ class DeformableDecoderLayer(nn.Module):
         d_ffn: FFN width.
         n_levels, n_heads, n_points: deformable attention sizes (heads shared with self-attention).
         activation: FFN activation ``"relu"`` (DINO) or ``"gelu"``.
-        impl: deformable-attention kernel (see :mod:`kernels.ops`).
     """
 
     def __init__(self, d_model: int = 256, d_ffn: int = 1024, n_levels: int = 4, n_heads: int = 8,
-                 n_points: int = 4, activation: str = "relu", impl: str = "reference"):
+                 n_points: int = 4, activation: str = "relu"):
         super().__init__()
         if activation not in ("relu", "gelu"):
             raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
-        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, impl=impl)
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.norm1 = nn.LayerNorm(d_model)
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=0.0)
         self.norm2 = nn.LayerNorm(d_model)
@@ -300,14 +299,14 @@ class DeformableEncoder(nn.Module):
 
     Args:
         num_layers: number of :class:`~pipeline.layers.deformable.DeformableEncoderLayer` (key ``layers.{i}``).
-        d_model, d_ffn, n_levels, n_heads, n_points, activation, impl: layer sizes.
+        d_model, d_ffn, n_levels, n_heads, n_points, activation: layer sizes.
     """
 
     def __init__(self, num_layers: int, d_model: int, d_ffn: int, n_levels: int, n_heads: int, n_points: int,
-                 activation: str = "relu", impl: str = "reference"):
+                 activation: str = "relu"):
         super().__init__()
         self.layers = nn.ModuleList([
-            DeformableEncoderLayer(d_model, d_ffn, n_levels, n_heads, n_points, activation=activation, impl=impl)
+            DeformableEncoderLayer(d_model, d_ffn, n_levels, n_heads, n_points, activation=activation)
             for _ in range(num_layers)])
 
     def forward(self, src: Tensor, pos: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,

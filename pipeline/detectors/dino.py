@@ -48,19 +48,19 @@ class DINODecoder(nn.Module):
     ``dec_pred_{class,bbox}_embed_share``) all layers hold the SAME head modules.
 
     Args:
-        num_layers, d_model, d_ffn, n_levels, n_heads, n_points, activation, impl: layer sizes.
+        num_layers, d_model, d_ffn, n_levels, n_heads, n_points, activation: layer sizes.
         num_classes: logits per query.
         share_class_head, share_bbox_head: one shared head for all layers (True in DINO).
     """
 
     def __init__(self, num_layers: int, d_model: int, d_ffn: int, n_levels: int, n_heads: int, n_points: int,
-                 num_classes: int, activation: str = "relu", impl: str = "reference",
+                 num_classes: int, activation: str = "relu",
                  share_class_head: bool = True, share_bbox_head: bool = True):
         super().__init__()
         self.d_model = d_model
         self.num_layers = num_layers
         self.layers = nn.ModuleList([
-            DeformableDecoderLayer(d_model, d_ffn, n_levels, n_heads, n_points, activation=activation, impl=impl)
+            DeformableDecoderLayer(d_model, d_ffn, n_levels, n_heads, n_points, activation=activation)
             for _ in range(num_layers)])
         self.norm = nn.LayerNorm(d_model)
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
@@ -126,22 +126,20 @@ class DINOTransformer(nn.Module):
         enc_n_points, dec_n_points: deformable sampling points (4, 4).
         num_classes: logits (91 for COCO).
         activation: FFN activation ("relu").
-        impl: deformable-attention kernel.
     """
 
     def __init__(self, d_model: int = 256, nhead: int = 8, num_queries: int = 900, num_encoder_layers: int = 6,
                  num_decoder_layers: int = 6, dim_feedforward: int = 2048, num_feature_levels: int = 5,
-                 enc_n_points: int = 4, dec_n_points: int = 4, num_classes: int = 91, activation: str = "relu",
-                 impl: str = "reference"):
+                 enc_n_points: int = 4, dec_n_points: int = 4, num_classes: int = 91, activation: str = "relu"):
         super().__init__()
         self.d_model = d_model
         self.num_queries = num_queries
         self.num_feature_levels = num_feature_levels
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         self.encoder = DeformableEncoder(num_encoder_layers, d_model, dim_feedforward, num_feature_levels, nhead,
-                                         enc_n_points, activation, impl)
+                                         enc_n_points, activation)
         self.decoder = DINODecoder(num_decoder_layers, d_model, dim_feedforward, num_feature_levels, nhead,
-                                   dec_n_points, num_classes, activation, impl)
+                                   dec_n_points, num_classes, activation)
         self.tgt_embed = nn.Embedding(num_queries, d_model)
         self.enc_output = nn.Linear(d_model, d_model)
         self.enc_output_norm = nn.LayerNorm(d_model)

@@ -55,7 +55,6 @@ class DINOFocalNet(nn.Module):
             use_postln_in_modulation, use_layerscale, normalize_modulator, patch_norm, out_indices:
             FocalNet options (see :class:`~pipeline.detectors.focalnet.FocalNet`).
         category_ids: the real dataset category ids among the logit columns (COCO's 80 by default).
-        impl: deformable-attention kernel (:mod:`kernels.ops`).
 
     Raises:
         ValueError: inconsistent sizes (fewer feature levels than backbone outputs, category ids
@@ -74,7 +73,7 @@ class DINOFocalNet(nn.Module):
                  use_conv_embed: bool = True, use_postln: bool = True, use_postln_in_modulation: bool = False,
                  use_layerscale: bool = True, normalize_modulator: bool = True, patch_norm: bool = True,
                  out_indices: Sequence[int] = (0, 1, 2, 3),
-                 category_ids: Sequence[int] = COCO_CATEGORY_IDS, impl: str = "reference"):
+                 category_ids: Sequence[int] = COCO_CATEGORY_IDS):
         super().__init__()
         self._config = dict(
             hidden_dim=hidden_dim, nheads=nheads, dim_feedforward=dim_feedforward, enc_layers=enc_layers,
@@ -87,7 +86,7 @@ class DINOFocalNet(nn.Module):
             focal_windows=focal_windows if isinstance(focal_windows, int) else [int(v) for v in focal_windows],
             use_conv_embed=use_conv_embed, use_postln=use_postln, use_postln_in_modulation=use_postln_in_modulation,
             use_layerscale=use_layerscale, normalize_modulator=normalize_modulator, patch_norm=patch_norm,
-            out_indices=[int(i) for i in out_indices], category_ids=[int(c) for c in category_ids], impl=impl)
+            out_indices=[int(i) for i in out_indices], category_ids=[int(c) for c in category_ids])
         bad = [c for c in category_ids if not 0 <= int(c) < num_classes]
         if bad:
             raise ValueError(f"category ids {bad} are outside the {num_classes} logit columns")
@@ -105,7 +104,7 @@ class DINOFocalNet(nn.Module):
         # registration order = the official module order (transformer, label_enc, input_proj, backbone, heads)
         self.transformer = DINOTransformer(hidden_dim, nheads, num_queries, enc_layers, dec_layers, dim_feedforward,
                                            num_feature_levels, enc_n_points, dec_n_points, num_classes,
-                                           transformer_activation, impl)
+                                           transformer_activation)
         self.label_enc = nn.Embedding(dn_labelbook_size + 1, hidden_dim)
         focalnet = FocalNet(embed_dim=embed_dim, depths=depths, mlp_ratio=mlp_ratio, focal_levels=focal_levels,
                             focal_windows=focal_windows, use_conv_embed=use_conv_embed, use_postln=use_postln,

@@ -125,16 +125,16 @@ class HDETRDecoder(nn.Module):
     the extra one is the two-stage encoder head), as the official model assigns them.
 
     Args:
-        num_layers, d_model, d_ffn, n_levels, n_heads, n_points, impl: layer sizes.
+        num_layers, d_model, d_ffn, n_levels, n_heads, n_points: layer sizes.
         num_classes: logits per query.
     """
 
     def __init__(self, num_layers: int, d_model: int, d_ffn: int, n_levels: int, n_heads: int, n_points: int,
-                 num_classes: int, impl: str = "reference"):
+                 num_classes: int):
         super().__init__()
         self.num_layers = num_layers
         self.layers = nn.ModuleList(
-            DeformableDecoderLayer(d_model, d_ffn, n_levels, n_heads, n_points, impl=impl) for _ in range(num_layers))
+            DeformableDecoderLayer(d_model, d_ffn, n_levels, n_heads, n_points) for _ in range(num_layers))
         bbox = MLP(d_model, d_model, 4, 3)
         cls = nn.Linear(d_model, num_classes)
         nn.init.constant_(cls.bias, -math.log((1 - 0.01) / 0.01))
@@ -187,20 +187,19 @@ class HDETRTransformer(nn.Module):
         nhead, num_encoder_layers, num_decoder_layers, dim_feedforward, num_feature_levels,
         enc_n_points, dec_n_points: sizes (8, 6, 6, 2048, 4, 4, 4 released).
         num_classes: logits (91).
-        impl: deformable-attention kernel.
     """
 
     def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
                  dim_feedforward: int = 2048, num_feature_levels: int = 4, enc_n_points: int = 4,
-                 dec_n_points: int = 4, num_classes: int = 91, impl: str = "reference"):
+                 dec_n_points: int = 4, num_classes: int = 91):
         super().__init__()
         self.d_model = d_model
         self.num_feature_levels = num_feature_levels
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         self.encoder = DeformableEncoder(num_encoder_layers, d_model, dim_feedforward, num_feature_levels, nhead,
-                                         enc_n_points, impl=impl)
+                                         enc_n_points)
         self.decoder = HDETRDecoder(num_decoder_layers, d_model, dim_feedforward, num_feature_levels, nhead,
-                                    dec_n_points, num_classes, impl)
+                                    dec_n_points, num_classes)
         self.enc_output = nn.Linear(d_model, d_model)
         self.enc_output_norm = nn.LayerNorm(d_model)
         self.pos_trans = nn.Linear(2 * d_model, 2 * d_model)
@@ -323,7 +322,6 @@ class HDETR(nn.Module):
         swin_embed_dim, swin_depths, swin_num_heads, swin_window_size: Swin sizes (192, (2,2,18,2),
             (6,12,24,48), 7 for Swin-L); ignored for ResNet-50.
         category_ids: real dataset category ids among the logit columns (COCO's 80 by default).
-        impl: deformable-attention kernel (:mod:`kernels.ops`).
 
     Raises:
         ValueError: unknown backbone, fewer feature levels than backbone outputs, category ids outside
@@ -335,7 +333,7 @@ class HDETR(nn.Module):
                  dec_n_points: int = 4, num_queries_one2one: int = 300, num_queries_one2many: int = 1500,
                  num_classes: int = 91, swin_embed_dim: int = 192, swin_depths: Sequence[int] = (2, 2, 18, 2),
                  swin_num_heads: Sequence[int] = (6, 12, 24, 48), swin_window_size: int = 7,
-                 category_ids: Sequence[int] = COCO_CATEGORY_IDS, impl: str = "reference"):
+                 category_ids: Sequence[int] = COCO_CATEGORY_IDS):
         super().__init__()
         if backbone not in ("resnet50", "swin"):
             raise ValueError(f"backbone must be 'resnet50' or 'swin', got {backbone!r}")
@@ -353,7 +351,7 @@ class HDETR(nn.Module):
             enc_n_points=enc_n_points, dec_n_points=dec_n_points, num_queries_one2one=num_queries_one2one,
             num_queries_one2many=num_queries_one2many, num_classes=num_classes, swin_embed_dim=swin_embed_dim,
             swin_depths=[int(d) for d in swin_depths], swin_num_heads=[int(h) for h in swin_num_heads],
-            swin_window_size=swin_window_size, category_ids=[int(c) for c in category_ids], impl=impl)
+            swin_window_size=swin_window_size, category_ids=[int(c) for c in category_ids])
         self.name = "hdetr-r50" if backbone == "resnet50" else "hdetr-swin-l"  # the registry name
         self.hidden_dim = hidden_dim
         self.num_classes = num_classes
@@ -367,7 +365,7 @@ class HDETR(nn.Module):
 
         # registration order = the official one: transformer, class_embed, bbox_embed, query_embed, input_proj, backbone
         self.transformer = HDETRTransformer(hidden_dim, nheads, enc_layers, dec_layers, dim_feedforward,
-                                            num_feature_levels, enc_n_points, dec_n_points, num_classes, impl)
+                                            num_feature_levels, enc_n_points, dec_n_points, num_classes)
         self.class_embed = self.transformer.decoder.class_embed
         self.bbox_embed = self.transformer.decoder.bbox_embed
         self.query_embed = nn.Embedding(num_queries_one2one + num_queries_one2many, hidden_dim)

@@ -85,10 +85,9 @@ class HeadConfig:
     Attributes:
         cost_class, cost_bbox, cost_giou: 2.0 / 5.0 / 2.0; focal_alpha 0.25, focal_gamma 2.0.
 
-    Kernels (how many detections are kept per image is ``evaluate.top_n``, :class:`pipeline.config.EvalConfig`):
-
-    Attributes:
-        deform_impl: implementation of the deformable-attention op (``kernels.ops``).
+    How many detections are kept per image is ``evaluate.top_n`` (:class:`pipeline.config.EvalConfig`).
+    The deformable-attention kernel is not a head setting: it is chosen at run time (``--impl``,
+    :mod:`kernels.ops`) and never compared on ``--resume``.
     """
 
     # image feature encoder
@@ -138,8 +137,6 @@ class HeadConfig:
     cost_giou: float = 2.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
-    # kernels
-    deform_impl: str = "reference"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -188,6 +185,8 @@ class HeadConfig:
             ValueError: on unknown keys (typos must not be silently ignored) or bad values.
         """
         d = dict(d or {})
+        # written by checkpoints before the kernel became a run-time choice (--impl); not a head setting
+        d.pop("deform_impl", None)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -77,19 +77,18 @@ class ImageEncoder(nn.Module):
     block at D=256, 5 levels, FFN 1024 (756,864 at 4 levels).
 
     Args:
-        d_model, d_ffn, n_levels, n_heads, n_points, activation, dropout, impl: see
+        d_model, d_ffn, n_levels, n_heads, n_points, activation, dropout: see
             :class:`DeformableEncoderLayer`.
         num_layers: blocks (0 = identity).
     """
 
     def __init__(self, num_layers: int, d_model: int = 256, d_ffn: int = 1024, n_levels: int = 5,
-                 n_heads: int = 8, n_points: int = 4, activation: str = "gelu", dropout: float = 0.0,
-                 impl: str = "reference"):
+                 n_heads: int = 8, n_points: int = 4, activation: str = "gelu", dropout: float = 0.0):
         super().__init__()
         self.d_model, self.n_levels = d_model, n_levels
         self.layers = nn.ModuleList(
             DeformableEncoderLayer(d_model, d_ffn, n_levels, n_heads, n_points, activation=activation,
-                                   dropout=dropout, impl=impl)
+                                   dropout=dropout)
             for _ in range(num_layers))
 
     def forward(self, tokens: Tensor, spatial_shapes: Tensor, level_start_index: Tensor) -> Tensor:
@@ -138,13 +137,12 @@ class BoxEncoder(nn.Module):
     """
 
     def __init__(self, num_layers: int, d_model: int = 128, d_ffn: int = 512, roi_size: int = 32,
-                 n_heads: int = 8, n_points: int = 4, activation: str = "gelu", dropout: float = 0.0,
-                 impl: str = "reference"):
+                 n_heads: int = 8, n_points: int = 4, activation: str = "gelu", dropout: float = 0.0):
         super().__init__()
         self.roi_size = roi_size
         self.layers = nn.ModuleList(
             DeformableEncoderLayer(d_model, d_ffn, 1, n_heads, n_points, activation=activation,
-                                   dropout=dropout, impl=impl)
+                                   dropout=dropout)
             for _ in range(num_layers))
 
     def geometry(self, dtype: torch.dtype, device) -> tuple[Tensor, Tensor, Tensor]:

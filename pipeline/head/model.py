@@ -97,14 +97,14 @@ class MaskFrozenDetrHead(nn.Module):
         self.neck = Neck(cfg.c1_channels, d) if (cfg.neck and cfg.fuse_c1) else None
         self.image_encoder = ImageEncoder(
             cfg.image_encoder_layers, d, cfg.image_encoder_ffn_dim, cfg.num_feature_levels,
-            cfg.image_encoder_heads, cfg.image_encoder_points, cfg.activation, cfg.dropout, cfg.deform_impl)
+            cfg.image_encoder_heads, cfg.image_encoder_points, cfg.activation, cfg.dropout)
         self.channel_mapper = nn.Linear(d, h) if h != d else nn.Identity()
         self.query_proj = nn.Linear(d, h) if h != d else nn.Identity()
         self.box_pos_embed = nn.Parameter(torch.zeros(r * r, h)) if cfg.box_pos_embed else None
         if self.box_pos_embed is not None:
             nn.init.trunc_normal_(self.box_pos_embed, std=0.02)
         self.box_encoder = BoxEncoder(cfg.box_encoder_layers, h, cfg.box_ffn_ratio * h, r, cfg.box_encoder_heads,
-                                      cfg.box_encoder_points, cfg.activation, cfg.dropout, cfg.deform_impl)
+                                      cfg.box_encoder_points, cfg.activation, cfg.dropout)
         has_query_layers = cfg.query_ffn or cfg.query_b2o or cfg.query_o2o
         self.query_encoder = nn.ModuleList(
             QueryLayer(h, cfg.query_heads, cfg.box_ffn_ratio * h, use_o2o=cfg.query_o2o, use_b2o=cfg.query_b2o,

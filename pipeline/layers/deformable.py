@@ -27,16 +27,16 @@ class MSDeformAttn(nn.Module):
         n_levels: number of feature levels L.
         n_heads: attention heads M.
         n_points: sampling points P per head and level.
-        impl: kernel implementation passed to :func:`kernels.ops.ms_deform_attn`.
+
+    The kernel (compiled or reference) is not part of the module: it is the process-wide run-time
+    setting of :mod:`kernels.ops` (``--impl`` / ``MFDETR_IMPL``).
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
-                 impl: str = "reference"):
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
-        self.impl = impl
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -108,8 +108,7 @@ class MSDeformAttn(nn.Module):
             raise ValueError(
                 f"reference_points last dim must be 2 or 4, got {tuple(reference_points.shape)}"
             )
-        out = ops.ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights,
-                                 impl=self.impl)
+        out = ops.ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights)
         return self.output_proj(out)
 
 
@@ -129,11 +128,11 @@ class DeformableEncoderLayer(nn.Module):
     """
 
     def __init__(self, d_model: int = 256, d_ffn: int = 1024, n_levels: int = 4, n_heads: int = 8,
-                 n_points: int = 4, activation: str = "relu", dropout: float = 0.0, impl: str = "reference"):
+                 n_points: int = 4, activation: str = "relu", dropout: float = 0.0):
         super().__init__()
         if activation not in ("relu", "gelu"):
             raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
-        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, impl=impl)
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)

@@ -73,6 +73,8 @@ def test_empty_queries_and_wrapper_checks():
     assert out.shape == (2, 0, 6)
     with pytest.raises(ValueError, match="impl"):
         ops.ms_deform_attn(value, shapes, torch.tensor([0, 42, 54]), loc, w, impl="cuda-magic")
+    with pytest.raises(ValueError, match="level_start_index"):
+        ops.ms_deform_attn(value, shapes, torch.tensor([0, 42]), loc, w)
     with pytest.raises(ValueError, match="spatial_shapes"):
         ops.ms_deform_attn(value, shapes[:2], torch.tensor([0, 42]), loc[..., :2, :, :], w[..., :2, :])
     with pytest.raises(ValueError, match="attention_weights"):
