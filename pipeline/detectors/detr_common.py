@@ -332,6 +332,25 @@ class DeformableEncoder(nn.Module):
         return outs
 
 
+def build_input_proj(channels: Sequence[int], hidden_dim: int, num_feature_levels: int) -> nn.ModuleList:
+    """Deformable-DETR's ``input_proj`` (keys ``input_proj.{l}.{0,1}``), as DINO and H-DETR build it.
+
+    One ``1x1 conv + GroupNorm(32)`` per backbone map (``channels``), then ``3x3/s2 conv + GN``
+    levels on top of the last one until there are ``num_feature_levels``; convs Xavier-initialised
+    with zero bias.
+    """
+    proj = [nn.Sequential(nn.Conv2d(c, hidden_dim, kernel_size=1), nn.GroupNorm(32, hidden_dim)) for c in channels]
+    in_ch = channels[-1]
+    for _ in range(num_feature_levels - len(channels)):
+        proj.append(nn.Sequential(nn.Conv2d(in_ch, hidden_dim, kernel_size=3, stride=2, padding=1),
+                                  nn.GroupNorm(32, hidden_dim)))
+        in_ch = hidden_dim
+    for p in proj:
+        nn.init.xavier_uniform_(p[0].weight, gain=1)
+        nn.init.zeros_(p[0].bias)
+    return nn.ModuleList(proj)
+
+
 def extract_records(out: dict, c1: Tensor, c1_mask: Tensor, encoder_layers: list[int], top_k: int) -> list[Extracted]:
     """One :class:`~pipeline.detectors.base.Extracted` per image from a padded batch forward.
 

@@ -22,6 +22,7 @@ from pipeline.detectors.checkpoint import load_checkpoint as _load_checkpoint_fi
 from pipeline.detectors.detr_common import (
     COCO_CATEGORY_IDS,
     PositionEmbeddingSine,
+    build_input_proj,
     check_extract_args,
     extract_records,
     inverse_sigmoid,
@@ -112,16 +113,7 @@ class DINOFocalNet(nn.Module):
                             normalize_modulator=normalize_modulator, patch_norm=patch_norm, out_indices=out_indices)
         self.num_backbone_outs = len(focalnet.out_indices)
         channels = [focalnet.num_features[i] for i in focalnet.out_indices]
-        proj = [nn.Sequential(nn.Conv2d(c, hidden_dim, kernel_size=1), nn.GroupNorm(32, hidden_dim)) for c in channels]
-        in_ch = channels[-1]
-        for _ in range(num_feature_levels - len(channels)):
-            proj.append(nn.Sequential(nn.Conv2d(in_ch, hidden_dim, kernel_size=3, stride=2, padding=1),
-                                      nn.GroupNorm(32, hidden_dim)))
-            in_ch = hidden_dim
-        self.input_proj = nn.ModuleList(proj)
-        for p in self.input_proj:
-            nn.init.xavier_uniform_(p[0].weight, gain=1)
-            nn.init.zeros_(p[0].bias)
+        self.input_proj = build_input_proj(channels, hidden_dim, num_feature_levels)
         # backbone.0 = FocalNet, backbone.1 = position embedding (no weights), as the official Joiner
         self.backbone = nn.ModuleList([
             focalnet, PositionEmbeddingSine(hidden_dim // 2, pe_temperature_h, pe_temperature_w, normalize=True)])

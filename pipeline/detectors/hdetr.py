@@ -52,6 +52,7 @@ from pipeline.detectors.detr_common import (
     DeformableDecoderLayer,
     DeformableEncoder,
     PositionEmbeddingSine,
+    build_input_proj,
     check_extract_args,
     encoder_output_proposals,
     extract_records,
@@ -373,16 +374,7 @@ class HDETR(nn.Module):
             swin_embed_dim, swin_depths, swin_num_heads, swin_window_size)
         self.c1_channels = body.num_channels[0]
         channels = list(body.num_channels[1:])
-        proj = [nn.Sequential(nn.Conv2d(c, hidden_dim, kernel_size=1), nn.GroupNorm(32, hidden_dim)) for c in channels]
-        in_ch = channels[-1]
-        for _ in range(num_feature_levels - len(channels)):
-            proj.append(nn.Sequential(nn.Conv2d(in_ch, hidden_dim, kernel_size=3, stride=2, padding=1),
-                                      nn.GroupNorm(32, hidden_dim)))
-            in_ch = hidden_dim
-        self.input_proj = nn.ModuleList(proj)
-        for p in self.input_proj:
-            nn.init.xavier_uniform_(p[0].weight, gain=1)
-            nn.init.zeros_(p[0].bias)
+        self.input_proj = build_input_proj(channels, hidden_dim, num_feature_levels)
         # backbone.0 = the body, backbone.1 = Deformable-DETR's sine position embedding (no weights)
         self.backbone = nn.ModuleList([
             body, PositionEmbeddingSine(hidden_dim // 2, 10000.0, 10000.0, normalize=True, offset=0.5)])
