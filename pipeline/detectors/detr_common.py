@@ -31,6 +31,7 @@ from pipeline.layers.deformable import (
     MSDeformAttn,
     encoder_reference_points,
     level_start_index_of,
+    valid_ratios_from_mask,
 )
 
 #: The 80 COCO category ids actually used (1..90 without 12, 26, 29, 30, 45, 66, 68, 69, 71, 83).
@@ -330,6 +331,28 @@ class DeformableEncoder(nn.Module):
             out = layer(out, pos, ref, spatial_shapes, level_start_index, padding_mask)
             outs.append(out)
         return outs
+
+
+def flatten_levels(srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor],
+                   level_embed: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Flatten L feature maps into the encoder's token sequence (Deformable-DETR / DINO / H-DETR).
+
+    Args:
+        srcs: L maps ``[B, D, H_l, W_l]``; masks: L ``[B, H_l, W_l]`` bool (True = padding);
+        pos_embeds: L ``[B, D, H_l, W_l]``; level_embed: ``[L, D]``.
+
+    Returns:
+        ``(src [B, S, D], mask [B, S] bool, pos [B, S, D]`` (pos + level embed),
+        ``spatial_shapes [L, 2]`` int64, ``level_start_index [L]`` int64,
+        ``valid_ratios [B, L, 2]`` float32 ``(w, h)``).
+    """
+    src_flatten = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
+    mask_flatten = torch.cat([m.flatten(1) for m in masks], 1)
+    pos_flatten = torch.cat([p.flatten(2).transpose(1, 2) + level_embed[lvl].view(1, 1, -1)
+                             for lvl, p in enumerate(pos_embeds)], 1)
+    spatial_shapes = torch.as_tensor([tuple(s.shape[-2:]) for s in srcs], dtype=torch.long, device=src_flatten.device)
+    valid_ratios = torch.stack([valid_ratios_from_mask(m) for m in masks], 1)
+    return src_flatten, mask_flatten, pos_flatten, spatial_shapes, level_start_index_of(spatial_shapes), valid_ratios
 
 
 def build_input_proj(channels: Sequence[int], hidden_dim: int, num_feature_levels: int) -> nn.ModuleList:

@@ -33,10 +33,11 @@ from pipeline.detectors.detr_common import (
     DeformableDecoderLayer,
     DeformableEncoder,
     encoder_output_proposals,
+    flatten_levels,
     inverse_sigmoid,
     query_sine_embedding,
 )
-from pipeline.layers.deformable import MSDeformAttn, level_start_index_of, valid_ratios_from_mask
+from pipeline.layers.deformable import MSDeformAttn
 
 
 class DINODecoder(nn.Module):
@@ -190,19 +191,9 @@ class DINOTransformer(nn.Module):
         if not (len(srcs) == len(masks) == len(pos_embeds) == self.num_feature_levels):
             raise ValueError(f"expected {self.num_feature_levels} levels, got {len(srcs)} srcs, "
                              f"{len(masks)} masks, {len(pos_embeds)} pos embeddings")
-        src_flatten, mask_flatten, pos_flatten, shapes = [], [], [], []
-        for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
-            shapes.append(src.shape[-2:])
-            src_flatten.append(src.flatten(2).transpose(1, 2))
-            mask_flatten.append(mask.flatten(1))
-            pos_flatten.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
-        src_flatten = torch.cat(src_flatten, 1)
-        mask_flatten = torch.cat(mask_flatten, 1)
-        pos_flatten = torch.cat(pos_flatten, 1)
-        spatial_shapes = torch.as_tensor([tuple(s) for s in shapes], dtype=torch.long, device=src_flatten.device)
-        level_start_index = level_start_index_of(spatial_shapes)
-        valid_ratios = torch.stack([valid_ratios_from_mask(m) for m in masks], 1)
-        bs, num_tokens = mask_flatten.shape
+        src_flatten, mask_flatten, pos_flatten, spatial_shapes, level_start_index, valid_ratios = flatten_levels(
+            srcs, masks, pos_embeds, self.level_embed)
+        num_tokens = mask_flatten.shape[1]
         if num_tokens < self.num_queries:
             raise ValueError(f"{num_tokens} encoder tokens is fewer than num_queries={self.num_queries}; "
                              "the input image is too small")

@@ -56,12 +56,13 @@ from pipeline.detectors.detr_common import (
     check_extract_args,
     encoder_output_proposals,
     extract_records,
+    flatten_levels,
     inverse_sigmoid,
     mask_to,
     query_sine_embedding,
 )
 from pipeline.detectors.swin import SwinTransformer, swin_feature_shapes
-from pipeline.layers.deformable import MSDeformAttn, level_start_index_of, valid_ratios_from_mask
+from pipeline.layers.deformable import MSDeformAttn
 
 #: Keys the official H-DETR loader leaves out of its unexpected-key warning: buffers that the ``thop``
 #: profiler attaches to every module (``total_ops``, ``total_params``) and that a released file may hold.
@@ -237,14 +238,8 @@ class HDETRTransformer(nn.Module):
         if not (len(srcs) == len(masks) == len(pos_embeds) == self.num_feature_levels):
             raise ValueError(f"expected {self.num_feature_levels} levels, got {len(srcs)} srcs, "
                              f"{len(masks)} masks, {len(pos_embeds)} pos embeddings")
-        src_flatten = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
-        mask_flatten = torch.cat([m.flatten(1) for m in masks], 1)
-        pos_flatten = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
-                                 for lvl, p in enumerate(pos_embeds)], 1)
-        spatial_shapes = torch.as_tensor([tuple(s.shape[-2:]) for s in srcs], dtype=torch.long,
-                                         device=src_flatten.device)
-        level_start_index = level_start_index_of(spatial_shapes)
-        valid_ratios = torch.stack([valid_ratios_from_mask(m) for m in masks], 1)
+        src_flatten, mask_flatten, pos_flatten, spatial_shapes, level_start_index, valid_ratios = flatten_levels(
+            srcs, masks, pos_embeds, self.level_embed)
         num_queries = query_embed.shape[0]
         if mask_flatten.shape[1] < num_queries:
             raise ValueError(f"{mask_flatten.shape[1]} encoder tokens is fewer than {num_queries} queries; "
