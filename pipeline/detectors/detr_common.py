@@ -333,6 +333,19 @@ class DeformableEncoder(nn.Module):
         return outs
 
 
+def patch_stage_shapes(height: int, width: int, num_stages: int = 4, patch_size: int = 4) -> list[tuple[int, int]]:
+    """``(H_i, W_i)`` of every stage of a hierarchical backbone (FocalNet, Swin) for a ``height x width``
+    input, pure arithmetic: stage 0 is ``ceil(H / patch_size)``; each later stage halves with ceiling
+    (pad to even, then a stride-2 downsample), as their ``forward`` does.
+    """
+    h, w = -(-height // patch_size), -(-width // patch_size)
+    shapes = [(h, w)]
+    for _ in range(num_stages - 1):
+        h, w = (h + 1) // 2, (w + 1) // 2
+        shapes.append((h, w))
+    return shapes
+
+
 def flatten_levels(srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor],
                    level_embed: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Flatten L feature maps into the encoder's token sequence (Deformable-DETR / DINO / H-DETR).

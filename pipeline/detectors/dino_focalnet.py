@@ -27,9 +27,10 @@ from pipeline.detectors.detr_common import (
     extract_records,
     inverse_sigmoid,
     mask_to,
+    patch_stage_shapes,
 )
 from pipeline.detectors.dino import DINOTransformer
-from pipeline.detectors.focalnet import FocalNet, focalnet_feature_shapes
+from pipeline.detectors.focalnet import FocalNet
 
 
 class DINOFocalNet(nn.Module):
@@ -148,7 +149,7 @@ class DINOFocalNet(nn.Module):
         if height <= 0 or width <= 0:
             raise ValueError(f"image size must be positive, got {height}x{width}")
         focal = self.backbone[0]
-        stages = focalnet_feature_shapes(height, width, focal.num_layers)
+        stages = patch_stage_shapes(height, width, focal.num_layers)
         shapes = [stages[i] for i in focal.out_indices]
         h, w = shapes[-1]
         for _ in range(self.num_feature_levels - len(shapes)):

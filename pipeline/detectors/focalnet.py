@@ -329,7 +329,7 @@ class FocalNet(nn.Module):
         Returns:
             One ``[B, C_i, H_i, W_i]`` map per ``out_indices`` entry (same dtype as the input),
             ``norm{i}`` applied; stride ``4 * 2**i`` with ``H_0 = ceil(H/4)``,
-            ``H_{i+1} = ceil(H_i/2)`` (see :func:`focalnet_feature_shapes`).
+            ``H_{i+1} = ceil(H_i/2)`` (see :func:`pipeline.detectors.detr_common.patch_stage_shapes`).
         """
         x = self.patch_embed(images)
         height, width = x.shape[-2:]
@@ -342,17 +342,3 @@ class FocalNet(nn.Module):
                 outs.append(y.reshape(-1, height, width, self.num_features[i]).permute(0, 3, 1, 2).contiguous())
             height, width = new_h, new_w
         return outs
-
-
-def focalnet_feature_shapes(height: int, width: int, num_stages: int = 4, patch_size: int = 4) -> list[tuple[int, int]]:
-    """``(H_i, W_i)`` of every FocalNet stage for an ``height x width`` input (pure arithmetic).
-
-    Stage 0: ``ceil(H / patch_size)``; every later stage halves with ceiling (pad-to-even then
-    stride-2 conv), matching :meth:`FocalNet.forward`.
-    """
-    h, w = -(-height // patch_size), -(-width // patch_size)
-    shapes = [(h, w)]
-    for _ in range(num_stages - 1):
-        h, w = (h + 1) // 2, (w + 1) // 2
-        shapes.append((h, w))
-    return shapes

@@ -59,9 +59,10 @@ from pipeline.detectors.detr_common import (
     flatten_levels,
     inverse_sigmoid,
     mask_to,
+    patch_stage_shapes,
     query_sine_embedding,
 )
-from pipeline.detectors.swin import SwinTransformer, swin_feature_shapes
+from pipeline.detectors.swin import SwinTransformer
 from pipeline.layers.deformable import MSDeformAttn
 
 #: Keys the official H-DETR loader leaves out of its unexpected-key warning: buffers that the ``thop``
@@ -116,7 +117,7 @@ class SwinBody(nn.Module):
 
     def feature_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
         """``(H_i, W_i)`` of the 4 stages."""
-        return swin_feature_shapes(height, width, self.body.num_layers)
+        return patch_stage_shapes(height, width, self.body.num_layers)
 
 
 class HDETRDecoder(nn.Module):

@@ -257,13 +257,3 @@ class SwinTransformer(nn.Module):
             outs.append(out.view(-1, h, w, self.num_features[i]).permute(0, 3, 1, 2).contiguous())
             h, w = nh, nw
         return outs
-
-
-def swin_feature_shapes(height: int, width: int, num_stages: int = 4, patch_size: int = 4) -> list[tuple[int, int]]:
-    """``(H_i, W_i)`` of every stage for an ``height x width`` input: ``ceil(/patch)``, then ``ceil(/2)`` per stage."""
-    h, w = -(-height // patch_size), -(-width // patch_size)
-    shapes = [(h, w)]
-    for _ in range(num_stages - 1):
-        h, w = (h + 1) // 2, (w + 1) // 2
-        shapes.append((h, w))
-    return shapes
