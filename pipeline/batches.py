@@ -147,8 +147,9 @@ def to_xyxy_pixels(boxes_cxcywh: torch.Tensor, height: float, width: float) -> t
     return box_convert(boxes_cxcywh, "cxcywh", "xyxy") * scale
 
 
-def image_features(head, items: list[dict], device, dtype=torch.float32) -> list[torch.Tensor]:
-    """Run the head's image-feature part on each cached image: ``[256, H1, W1]`` per image."""
+def image_features(head, items: list[dict], device, dtype=torch.float32) -> list:
+    """Run the head's image-feature part on each cached image: one ``ImageFeatures`` per image
+    (``pipeline.head.model.ImageFeatures``: F = Neck(C1) + interpolate(E) as its two terms)."""
     feats = []
     for it in items:
         feats.append(head.encode_image(it["tokens"].to(device, dtype), it["spatial_shapes"].to(device),

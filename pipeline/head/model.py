@@ -4,8 +4,11 @@ Stage two only sees cached tensors; nothing here imports ``pipeline.detectors``.
 
 Data flow for one image (paper equations in brackets):
 
-1. ``encode_image``: ``F = Neck(C1) + interpolate(F_e(E)_finest)`` [Eq. 5, 6, 14] -> ``[D, H1, W1]``.
-2. ``forward``: channel mapper Linear(D, h) on F -> RoIAlign ``R x R`` at each box [Eq. 3]
+1. ``encode_image``: ``F = Neck(C1) + interpolate(F_e(E)_finest)`` [Eq. 5, 6, 14], kept as its two
+   terms (:class:`ImageFeatures`): F is never materialised at stride 4.
+2. ``forward``: channel mapper Linear(D, h) on F -> RoIAlign ``R x R`` at each box [Eq. 3], as one
+   fused RoIAlign of ``mapper(Neck(C1)) + interpolate(W_mapper E)`` (:func:`kernels.ops.fused_roi_align`;
+   the mapper is linear and bilinear weights sum to 1, so this equals RoIAlign of ``mapper(F)``)
    -> + learned positional embedding -> for each box-encoder block: deformable block over the
    box tokens [Eq. 9], then a query layer (B2O + FFN) [Eq. 11] -> mask logits
    ``q . R^T`` [Eq. 4] -> mask scoring ``iou = MLP(Conv(Cat(M, R)))`` [Eq. 12].
@@ -13,15 +16,48 @@ Data flow for one image (paper equations in brackets):
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from kernels import ops as kernel_ops
+
 from .box_ops import box_cxcywh_to_xyxy
 from .config import HeadConfig
 from .encoders import BoxEncoder, ImageEncoder, Neck, QueryLayer, upsample_to
 from .scoring import MaskScoringHead
+
+
+class ImageFeatures(NamedTuple):
+    """The fused stride-4 map ``F = c1 + interpolate(e, size)`` of one image, kept as its two terms.
+
+    Built by :meth:`MaskFrozenDetrHead.encode_image`; only RoIAlign at the boxes reads F, through
+    :func:`kernels.ops.fused_roi_align`, so the ``[D, H1, W1]`` sum is never stored (at 800x1333 it
+    would be 256 x 200 x 334 floats per image, kept for the backward pass).
+
+    Attributes:
+        c1: ``[D, H1, W1]`` ``Neck(C1)`` (or C1 itself without a neck), or None when the head does not
+            fuse C1 (Table 12 "w/o C1"), in which case ``F = interpolate(e, size)``.
+        e: ``[D, He, We]`` the image encoder's output at its finest level.
+        size: ``(H1, W1)``, the size of F (C1's size), in stride-4 feature pixels.
+    """
+
+    c1: Tensor | None
+    e: Tensor
+    size: tuple[int, int]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the terms."""
+        return self.e.dtype
+
+    def materialize(self) -> Tensor:
+        """F itself, ``[D, H1, W1]`` (bilinear, align_corners=False): for inspection and tests."""
+        out = upsample_to(self.e, self.size)
+        return out if self.c1 is None else out + self.c1
 
 
 class DotProductMaskHead(nn.Module):
@@ -119,8 +155,9 @@ class MaskFrozenDetrHead(nn.Module):
         """Dtype the head computes in (follows ``.to()`` / ``.double()``); inputs are cast to it."""
         return self._anchor.dtype
 
-    def encode_image(self, tokens: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, c1: Tensor) -> Tensor:
-        """Fused stride-4 feature map F of one image (Eq. 5 with the neck of Eq. 14).
+    def encode_image(self, tokens: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
+                     c1: Tensor) -> ImageFeatures:
+        """Fused stride-4 feature map F of one image (Eq. 5 with the neck of Eq. 14), as its two terms.
 
         ``F = Neck(C1) + interpolate(F_e(E)_finest)``: the image encoder runs over all levels of
         E; its finest level (largest ``H_l * W_l``; level 0 in the cache's finest-first order)
@@ -133,7 +170,9 @@ class MaskFrozenDetrHead(nn.Module):
             c1: ``[C1, H1, W1]`` backbone stage-1 map (stride 4).
 
         Returns:
-            ``[D, H1, W1]`` in the head's dtype.
+            :class:`ImageFeatures` in the head's dtype: ``c1 = Neck(C1)`` ``[D, H1, W1]`` (None without
+            C1 fusion), ``e`` ``[D, He, We]`` (finest encoder level), ``size = (H1, W1)``;
+            ``.materialize()`` gives F ``[D, H1, W1]``.
 
         Raises:
             ValueError: on a level-count, token-count, or C1-channel mismatch.
@@ -153,18 +192,41 @@ class MaskFrozenDetrHead(nn.Module):
         hf, wf = spatial_shapes[finest].tolist()
         start = int(level_start_index[finest])
         e = enc[start:start + hf * wf].transpose(0, 1).reshape(-1, hf, wf)
-        out = upsample_to(e, tuple(c1.shape[-2:]))
-        if self.cfg.fuse_c1:
-            expected = self.cfg.c1_channels if self.neck is not None else self.cfg.hidden_dim
-            if c1.shape[0] != expected:
-                raise ValueError(f"c1 has {c1.shape[0]} channels, expected {expected}")
-            out = out + (self.neck(c1) if self.neck is not None else c1)
-        return out
+        size = (int(c1.shape[-2]), int(c1.shape[-1]))
+        if not self.cfg.fuse_c1:
+            return ImageFeatures(None, e, size)
+        expected = self.cfg.c1_channels if self.neck is not None else self.cfg.hidden_dim
+        if c1.shape[0] != expected:
+            raise ValueError(f"c1 has {c1.shape[0]} channels, expected {expected}")
+        return ImageFeatures(self.neck(c1) if self.neck is not None else c1, e, size)
 
     @property
     def device(self) -> torch.device:
         """Device the head computes on (follows ``.to()``)."""
         return self._anchor.device
+
+    def _map_channels(self, x: Tensor, bias: bool) -> Tensor:
+        """The channel mapper Linear(D, h) on a ``[D, H, W]`` map (``bias=False``: its weight only)."""
+        if isinstance(self.channel_mapper, nn.Identity):
+            return x
+        b = self.channel_mapper.bias if bias else None
+        return F.linear(x.permute(1, 2, 0), self.channel_mapper.weight, b).permute(2, 0, 1)
+
+    def _pool(self, feat: ImageFeatures, xyxy: Tensor) -> Tensor:
+        """RoIAlign (aligned, ``R x R``) of ``mapper(F)`` at ``[m, 4]`` xyxy boxes in F's pixels -> ``[m, h, R, R]``.
+
+        ``mapper(c1 + up(e)) = mapper(c1) + up(W e)`` (linear mapper, bilinear weights summing to 1),
+        so the mapper runs on the two unsummed terms and the fused kernel pools their sum.
+        """
+        dtype, device = self.dtype, self.device
+        e = self._map_channels(feat.e.to(device=device, dtype=dtype), bias=feat.c1 is None)
+        r, ratio = self.cfg.roi_size, self.cfg.roi_sampling_ratio
+        if feat.c1 is None:  # F = up(e): plain RoIAlign of the upsampled map (an ablation only)
+            return roi_align(upsample_to(e, feat.size)[None], [xyxy], output_size=r, spatial_scale=1.0,
+                             sampling_ratio=ratio, aligned=True)
+        c1 = self._map_channels(feat.c1.to(device=device, dtype=dtype), bias=True)
+        rois = torch.cat((xyxy.new_zeros(len(xyxy), 1), xyxy), dim=1)
+        return kernel_ops.fused_roi_align(c1[None].contiguous(), e[None].contiguous(), rois, r, 1.0, ratio)
 
     def _empty_outputs(self, ref: Tensor) -> dict[str, Tensor]:
         r = self.cfg.roi_size
@@ -181,12 +243,14 @@ class MaskFrozenDetrHead(nn.Module):
         numbers of boxes; each image is processed on its own.
 
         Args:
-            features: B tensors ``[D, H1_b, W1_b]`` from :meth:`encode_image` (sizes may differ).
+            features: B :class:`ImageFeatures` from :meth:`encode_image` (sizes may differ).
             queries: ``[M, D]`` last-decoder-layer queries of the boxes.
             boxes: ``[M, 4]`` cxcywh normalized to the image (the detector's boxes).
             image_sizes: ``[B, 2]`` float ``(h, w)`` of the resized image the detector saw, in
                 pixels. Box pixels ``box * (w, h)`` are mapped to feature pixels by the per-axis
                 ratio ``(W1_b / w, H1_b / h)``, i.e. the feature map is taken to span the image.
+                RoIAlign is :func:`kernels.ops.fused_roi_align` (implementation: the process-wide
+                ``--impl`` setting; ``reference`` = torchvision ``roi_align`` on the materialised sum).
             batch_index: ``[M]`` int64 image of each box, in ``[0, B)``.
 
         Returns:
@@ -218,15 +282,12 @@ class MaskFrozenDetrHead(nn.Module):
         order, mask_parts, iou_parts = [], [], []
         for b in torch.unique(batch_index).tolist():
             idx = torch.nonzero(batch_index == b).flatten()
-            feat = features[b].to(device=device, dtype=dtype)
-            mapped = self.channel_mapper(feat.permute(1, 2, 0)).permute(2, 0, 1)
-            h1, w1 = feat.shape[-2:]
+            h1, w1 = features[b].size
             img_h, img_w = image_sizes[b].unbind(0)
             xyxy = box_cxcywh_to_xyxy(boxes[idx])
             scale = torch.stack((w1 / img_w, h1 / img_h, w1 / img_w, h1 / img_h))
             xyxy = xyxy * torch.stack((img_w, img_h, img_w, img_h)) * scale
-            rois = roi_align(mapped[None], [xyxy], output_size=r, spatial_scale=1.0,
-                             sampling_ratio=self.cfg.roi_sampling_ratio, aligned=True)
+            rois = self._pool(features[b], xyxy)
             tokens = rois.flatten(2).transpose(1, 2)  # [m, R*R, h]
             if self.box_pos_embed is not None:
                 tokens = tokens + self.box_pos_embed

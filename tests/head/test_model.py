@@ -6,8 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from torchvision.ops import roi_align
+
 import pipeline.head
+from kernels import ops
 from pipeline.head import build_head
+from pipeline.head.model import ImageFeatures
 
 from ._synthetic import DINO_WIDTHS, fake_image, random_boxes
 
@@ -29,7 +33,29 @@ def test_encode_image_shape_and_dtype(default_head):
     head, _, _ = default_head
     tokens, shapes, start, c1 = fake_image(70, 90)
     f = head.encode_image(tokens, shapes, start, c1)
-    assert f.shape == (256, c1.shape[1], c1.shape[2]) and f.dtype == torch.float32
+    assert f.size == tuple(c1.shape[1:]) and f.c1.shape == (256, *c1.shape[1:])
+    hf, wf = shapes[0].tolist()  # finest level (stride 8 here)
+    assert f.e.shape == (256, hf, wf) and f.dtype == torch.float32
+    assert f.materialize().shape == (256, c1.shape[1], c1.shape[2])
+
+
+@pytest.mark.parametrize("impl", ops.available_impls())
+def test_fused_pooling_equals_roi_align_of_mapped_sum(impl):
+    """The head pools mapper(Neck(C1)) + up(W E) with the fused kernel; that equals torchvision's
+    roi_align of mapper(F) on the materialised F (the composition of Eq. 5 and Eq. 3 as written)."""
+    torch.manual_seed(0)
+    head, _, _ = build_head({**SMALL, "box_dim": 128})
+    head = head.double()
+    f = head.encode_image(*fake_image(40, 52))
+    boxes = torch.tensor([[3.0, 4.5, 30.2, 20.0], [-5.0, -2.0, 12.0, 60.0], [10.0, 10.0, 10.0, 10.0]],
+                         dtype=torch.float64)
+    with ops.use_impl(impl):
+        got = head._pool(f, boxes)
+    mapped = head.channel_mapper(f.materialize().permute(1, 2, 0)).permute(2, 0, 1)
+    want = roi_align(mapped[None], [boxes], output_size=8, spatial_scale=1.0,
+                     sampling_ratio=head.cfg.roi_sampling_ratio, aligned=True)
+    assert got.shape == (3, 128, 8, 8)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_forward_shapes_different_image_sizes(default_head):
@@ -76,9 +102,14 @@ def test_results_do_not_depend_on_batch_composition(default_head):
     assert torch.equal(batch["iou_pred"][sel], alone["iou_pred"])
 
 
-def test_roi_geometry_box_frame():
-    """A parameter-free head (Table 1 baseline) reads F = x-ramp; the logits are the bin centres."""
-    cfg = {**DINO_WIDTHS, "image_encoder_layers": 0, "neck": False, "fuse_c1": False, "box_dim": 256, "box_encoder_layers": 0,
+@pytest.mark.parametrize("fuse_c1", [False, True])
+def test_roi_geometry_box_frame(fuse_c1):
+    """A parameter-free head (Table 1 baseline) reads F = x-ramp; the logits are the bin centres.
+
+    F is given as the encoder term (no C1 fusion: plain RoIAlign of up(e)) or as the C1 term with a
+    zero encoder term (the fused kernel)."""
+    cfg = {**DINO_WIDTHS, "c1_channels": 256, "image_encoder_layers": 0, "neck": False, "fuse_c1": fuse_c1, "box_dim": 256,
+           "box_encoder_layers": 0,
            "box_pos_embed": False, "query_ffn": False, "query_b2o": False, "mask_scoring": False, "roi_size": 8}
     head, _, _ = build_head(cfg)
     assert sum(p.numel() for p in head.parameters()) == 0
@@ -91,7 +122,9 @@ def test_roi_geometry_box_frame():
     q = torch.zeros(2, 256, dtype=torch.float64)
     q[0, 0] = 1.0
     q[1, 1] = 1.0
-    out = head([feat], q, box.expand(2, 4), torch.tensor([[img_h, img_w]]), torch.zeros(2, dtype=torch.int64))
+    feats = ImageFeatures(feat, torch.zeros(256, 5, 8, dtype=torch.float64), (h1, w1)) if fuse_c1 else \
+        ImageFeatures(None, feat, (h1, w1))
+    out = head([feats], q, box.expand(2, 4), torch.tensor([[img_h, img_w]]), torch.zeros(2, dtype=torch.int64))
     x0, x1 = (0.5 - 0.2) * w1, (0.5 + 0.2) * w1
     y0, y1 = (0.4 - 0.15) * h1, (0.4 + 0.15) * h1
     centres_x = x0 + (torch.arange(8, dtype=torch.float64) + 0.5) * (x1 - x0) / 8
@@ -167,7 +200,7 @@ def test_input_errors(default_head):
     tokens, shapes, start, c1 = fake_image(48, 64, c1_channels=256)
     with pytest.raises(ValueError, match="channels"):
         head.encode_image(tokens, shapes, start, c1)
-    feats = [torch.zeros(256, 12, 16)]
+    feats = [ImageFeatures(torch.zeros(256, 12, 16), torch.zeros(256, 6, 8), (12, 16))]
     with pytest.raises(ValueError, match="batch_index"):
         head(feats, torch.randn(2, 256), random_boxes(2), torch.tensor([[48.0, 64.0]]), torch.tensor([0, 1]))
 
@@ -186,3 +219,30 @@ def test_head_never_imports_detectors():
                 continue
             offenders += [f"{path.name}: {n}" for n in names if "detectors" in n]
     assert offenders == []
+
+
+@pytest.mark.parametrize("impl", [i for i in ops.available_impls() if i != "reference"])
+def test_torch_compiled_head_step(impl):
+    """A whole training step (image encoder, fused RoIAlign, box encoder, loss, backward) under
+    torch.compile equals the eager step: the custom ops trace through their fake kernels."""
+    torch.manual_seed(0)
+    head, criterion, _ = build_head({**SMALL, "num_points": 64})
+    img = fake_image(40, 48)
+    q, b = torch.randn(3, 256), random_boxes(3)
+    sizes, bi = torch.tensor([[40.0, 48.0]]), torch.zeros(3, dtype=torch.int64)
+    targets = {"masks": (torch.rand(3, 112, 112) > 0.5).float(), "labels": torch.tensor([1, 7, 79])}
+
+    def step():
+        head.zero_grad()
+        out = head([head.encode_image(*img)], q, b, sizes, bi)
+        loss = criterion(out, targets, generator=torch.Generator().manual_seed(0))["loss"]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in head.parameters()]
+
+    with ops.use_impl(impl):
+        want_loss, want_grads = step()
+        torch._dynamo.reset()
+        got_loss, got_grads = torch.compile(step, backend="aot_eager")()
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
