@@ -11,7 +11,8 @@ Shapes (issue 15):
   * ``box_encoder``: the head's box encoder, 100 boxes x 32x32 tokens, d = 128 (8 heads x 16),
     1 level, 4 points.
   * ``fused_roi_align_<C>``: 100 boxes pooled to 32x32 (sampling ratio 2) from c1 [1, C, 200, 267]
-    + interpolate(e [1, C, 100, 134]), C = 192 and 256; the reference materialises the sum
+    + interpolate(e [1, C, 100, 134]), C = 128 (what the head pools: box_dim after its channel
+    mapper), 192 and 256; the reference materialises the sum
     and calls torchvision's roi_align (aligned=True).
 
 On CUDA the peak memory of each run is printed too. The last line holds the ratios as
@@ -148,7 +149,7 @@ def main(device, dtype, image, repeats):
                  for impl in ("reference", device)}
         report(name, times, device, ratios)
     if ops.compiled_available(device, "fused_roi_align"):
-        for channels in (192, 256):
+        for channels in (128, 192, 256):
             click.echo(f"fused_roi_align_{channels}: 100 boxes -> 32x32, c1 [1, {channels}, 200, 267], "
                        f"e [1, {channels}, 100, 134]")
             times = {impl: bench_fused_roi_align(channels, impl, device, torch_dtype, repeats)

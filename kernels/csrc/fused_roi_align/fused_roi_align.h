@@ -12,11 +12,7 @@
 
 #include <ATen/ATen.h>
 
-#ifdef __CUDACC__
-#define MFDETR_HOST_DEVICE __host__ __device__
-#else
-#define MFDETR_HOST_DEVICE
-#endif
+#include "../common.h"
 
 namespace mfdetr {
 
@@ -49,6 +45,19 @@ inline FusedRoiAlignSizes check_fused_roi_align_inputs(const at::Tensor& c1, con
               boxes.device());
   return {c1.size(0), c1.size(1), c1.size(2), c1.size(3), e.size(2), e.size(3), boxes.size(0), pooled_height,
           pooled_width};
+}
+
+// grad_output of the backward against the forward's sizes (and c1's dtype / device).
+inline void check_fused_roi_align_grad_output(const at::Tensor& grad_output, const at::Tensor& c1,
+                                              const FusedRoiAlignSizes& s) {
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef({s.rois, s.channels, s.pooled_height, s.pooled_width}),
+                    "fused_roi_align_backward: grad_output must be [K, C, PH, PW] = [", s.rois, ", ", s.channels,
+                    ", ", s.pooled_height, ", ", s.pooled_width, "], got ", grad_output.sizes());
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == c1.scalar_type(),
+                   "fused_roi_align_backward: grad_output must have c1's dtype (", c1.scalar_type(), "), got ",
+                   grad_output.scalar_type());
+  TORCH_CHECK(grad_output.device() == c1.device(), "fused_roi_align_backward: grad_output must be on ", c1.device(),
+              ", got ", grad_output.device());
 }
 
 // Geometry of one box: sample grid and spacing (torchvision roi_align, aligned=True).

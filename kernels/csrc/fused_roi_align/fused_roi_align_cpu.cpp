@@ -216,12 +216,7 @@ std::tuple<at::Tensor, at::Tensor> fused_roi_align_backward_cpu(const at::Tensor
                                                                 int64_t pooled_height, int64_t pooled_width,
                                                                 double spatial_scale, int64_t sampling_ratio) {
   const auto s = check_fused_roi_align_inputs(c1, e, boxes, pooled_height, pooled_width, sampling_ratio);
-  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef({s.rois, s.channels, pooled_height, pooled_width}),
-                    "fused_roi_align_backward: grad_output must be [K, C, PH, PW] = [", s.rois, ", ", s.channels,
-                    ", ", pooled_height, ", ", pooled_width, "], got ", grad_output.sizes());
-  TORCH_CHECK_TYPE(grad_output.scalar_type() == c1.scalar_type(),
-                   "fused_roi_align_backward: grad_output must have c1's dtype (", c1.scalar_type(), "), got ",
-                   grad_output.scalar_type());
+  check_fused_roi_align_grad_output(grad_output, c1, s);
   const auto acc_dtype = at::toOpMathType(c1.scalar_type());
   const auto acc = c1.options().dtype(acc_dtype);
   at::Tensor grad_c1 = at::zeros({s.batch, s.height, s.width, s.channels}, acc);

@@ -9,6 +9,10 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+
+#include "../common.h"
+
 namespace mfdetr {
 
 struct MsDeformAttnSizes {
@@ -58,5 +62,53 @@ inline MsDeformAttnSizes check_ms_deform_attn_inputs(const at::Tensor& value, co
   }
   return s;
 }
+
+// grad_output of the backward against the forward's sizes (and value's dtype / device).
+inline void check_ms_deform_attn_grad_output(const at::Tensor& grad_output, const at::Tensor& value,
+                                             const MsDeformAttnSizes& s) {
+  TORCH_CHECK_VALUE(grad_output.dim() == 3 && grad_output.size(0) == s.batch && grad_output.size(1) == s.queries &&
+                        grad_output.size(2) == s.heads * s.channels,
+                    "ms_deform_attn_backward: grad_output must be [N, Lq, M * Dh] = [", s.batch, ", ", s.queries,
+                    ", ", s.heads * s.channels, "], got ", grad_output.sizes());
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == value.scalar_type(),
+                   "ms_deform_attn_backward: grad_output must have value's dtype (", value.scalar_type(), "), got ",
+                   grad_output.scalar_type());
+  TORCH_CHECK(grad_output.device() == value.device(), "ms_deform_attn_backward: grad_output must be on ",
+              value.device(), ", got ", grad_output.device());
+}
+
+// The four bilinear neighbours of the pixel coordinate (x, y) of a level (the convention above):
+// their flat index in the level (-1 when outside the map: zero padding), their weight, and
+// d(weight)/dx, d(weight)/dy. Used by the CPU and the CUDA kernels alike.
+template <typename acc_t>
+struct BilinearCorners {
+  int64_t index[4];
+  acc_t weight[4], dx[4], dy[4];
+
+  MFDETR_HOST_DEVICE BilinearCorners(acc_t x, acc_t y, int64_t height, int64_t width) {
+#ifdef __CUDA_ARCH__
+    const acc_t x0f = floor(x), y0f = floor(y);
+#else
+    const acc_t x0f = std::floor(x), y0f = std::floor(y);
+#endif
+    const int64_t x0 = static_cast<int64_t>(x0f), y0 = static_cast<int64_t>(y0f);
+    const acc_t lx = x - x0f, ly = y - y0f, hx = acc_t(1) - lx, hy = acc_t(1) - ly;
+    const int64_t xs[4] = {x0, x0 + 1, x0, x0 + 1};
+    const int64_t ys[4] = {y0, y0, y0 + 1, y0 + 1};
+    const acc_t w[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
+    const acc_t ddx[4] = {-hy, hy, -ly, ly};
+    const acc_t ddy[4] = {-hx, -lx, hx, lx};
+#ifdef __CUDA_ARCH__
+#pragma unroll
+#endif
+    for (int k = 0; k < 4; ++k) {
+      const bool inside = xs[k] >= 0 && xs[k] < width && ys[k] >= 0 && ys[k] < height;
+      index[k] = inside ? ys[k] * width + xs[k] : -1;
+      weight[k] = w[k];
+      dx[k] = ddx[k];
+      dy[k] = ddy[k];
+    }
+  }
+};
 
 }  // namespace mfdetr

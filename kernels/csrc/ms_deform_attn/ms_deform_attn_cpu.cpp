@@ -8,39 +8,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <vector>
 
 #include "ms_deform_attn.h"
 
 namespace mfdetr {
 namespace {
-
-// The four bilinear neighbours of a pixel coordinate (x, y): their flat index in the level
-// (-1 when outside the map), their weight, and d(weight)/dx, d(weight)/dy.
-template <typename acc_t>
-struct Bilinear {
-  int64_t index[4];
-  acc_t weight[4], dx[4], dy[4];
-
-  Bilinear(acc_t x, acc_t y, int64_t height, int64_t width) {
-    const acc_t x0f = std::floor(x), y0f = std::floor(y);
-    const int64_t x0 = static_cast<int64_t>(x0f), y0 = static_cast<int64_t>(y0f);
-    const acc_t lx = x - x0f, ly = y - y0f, hx = 1 - lx, hy = 1 - ly;
-    const int64_t xs[4] = {x0, x0 + 1, x0, x0 + 1};
-    const int64_t ys[4] = {y0, y0, y0 + 1, y0 + 1};
-    const acc_t w[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
-    const acc_t ddx[4] = {-hy, hy, -ly, ly};
-    const acc_t ddy[4] = {-hx, -lx, hx, lx};
-    for (int k = 0; k < 4; ++k) {
-      const bool inside = xs[k] >= 0 && xs[k] < width && ys[k] >= 0 && ys[k] < height;
-      index[k] = inside ? ys[k] * width + xs[k] : -1;
-      weight[k] = w[k];
-      dx[k] = ddx[k];
-      dy[k] = ddy[k];
-    }
-  }
-};
 
 template <typename scalar_t>
 void forward_impl(const MsDeformAttnSizes& s, const scalar_t* value, const int64_t* shapes, const int64_t* starts,
@@ -61,7 +34,7 @@ void forward_impl(const MsDeformAttnSizes& s, const scalar_t* value, const int64
           for (int64_t p = 0; p < s.points; ++p) {
             const int64_t i = sample0 + l * s.points + p;
             const acc_t a = static_cast<acc_t>(weights[i]);
-            const Bilinear<acc_t> b(static_cast<acc_t>(locations[2 * i]) * width - acc_t(0.5),
+            const BilinearCorners<acc_t> b(static_cast<acc_t>(locations[2 * i]) * width - acc_t(0.5),
                                     static_cast<acc_t>(locations[2 * i + 1]) * height - acc_t(0.5), height, width);
             for (int k = 0; k < 4; ++k) {
               if (b.index[k] < 0) continue;
@@ -100,7 +73,7 @@ void backward_impl(const MsDeformAttnSizes& s, const scalar_t* grad_out, const s
           for (int64_t p = 0; p < s.points; ++p) {
             const int64_t i = sample0 + l * s.points + p;
             const acc_t a = static_cast<acc_t>(weights[i]);
-            const Bilinear<acc_t> b(static_cast<acc_t>(locations[2 * i]) * width - acc_t(0.5),
+            const BilinearCorners<acc_t> b(static_cast<acc_t>(locations[2 * i]) * width - acc_t(0.5),
                                     static_cast<acc_t>(locations[2 * i + 1]) * height - acc_t(0.5), height, width);
             acc_t sample = 0, grad_x = 0, grad_y = 0;
             for (int k = 0; k < 4; ++k) {
@@ -170,13 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
   const auto s = check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                                              attention_weights);
-  TORCH_CHECK_VALUE(grad_output.dim() == 3 && grad_output.size(0) == s.batch && grad_output.size(1) == s.queries &&
-                        grad_output.size(2) == s.heads * s.channels,
-                    "ms_deform_attn_backward: grad_output must be [N, Lq, M * Dh] = [", s.batch, ", ", s.queries,
-                    ", ", s.heads * s.channels, "], got ", grad_output.sizes());
-  TORCH_CHECK_TYPE(grad_output.scalar_type() == value.scalar_type(),
-                   "ms_deform_attn_backward: grad_output must have value's dtype (", value.scalar_type(), "), got ",
-                   grad_output.scalar_type());
+  check_ms_deform_attn_grad_output(grad_output, value, s);
   check_levels_cpu(s, spatial_shapes, level_start_index);
   const auto acc_dtype = at::toOpMathType(value.scalar_type());
   at::Tensor grad_value = at::zeros(value.sizes(), value.options().dtype(acc_dtype));

@@ -23,32 +23,6 @@ constexpr int kThreads = 256;
 
 inline int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
 
-// The four bilinear neighbours of pixel coordinate (x, y) (align_corners=False, zero padding).
-template <typename acc_t>
-struct Corners {
-  int64_t index[4];  // flat index in the level, -1 outside
-  acc_t weight[4], dx[4], dy[4];
-
-  __device__ Corners(acc_t x, acc_t y, int64_t height, int64_t width) {
-    const acc_t x0f = floor(x), y0f = floor(y);
-    const int64_t x0 = static_cast<int64_t>(x0f), y0 = static_cast<int64_t>(y0f);
-    const acc_t lx = x - x0f, ly = y - y0f, hx = acc_t(1) - lx, hy = acc_t(1) - ly;
-    const int64_t xs[4] = {x0, x0 + 1, x0, x0 + 1};
-    const int64_t ys[4] = {y0, y0, y0 + 1, y0 + 1};
-    const acc_t w[4] = {hy * hx, hy * lx, ly * hx, ly * lx};
-    const acc_t ddx[4] = {-hy, hy, -ly, ly};
-    const acc_t ddy[4] = {-hx, -lx, hx, lx};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const bool inside = xs[k] >= 0 && xs[k] < width && ys[k] >= 0 && ys[k] < height;
-      index[k] = inside ? ys[k] * width + xs[k] : -1;
-      weight[k] = w[k];
-      dx[k] = ddx[k];
-      dy[k] = ddy[k];
-    }
-  }
-};
-
 template <typename scalar_t>
 __global__ void forward_kernel(int64_t total, MsDeformAttnSizes s, const scalar_t* __restrict__ value,
                                const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
@@ -69,7 +43,7 @@ __global__ void forward_kernel(int64_t total, MsDeformAttnSizes s, const scalar_
     for (int64_t p = 0; p < s.points; ++p) {
       const int64_t i = (nqm * s.levels + l) * s.points + p;
       const acc_t a = static_cast<acc_t>(weights[i]);
-      const Corners<acc_t> b(static_cast<acc_t>(locations[2 * i]) * width - acc_t(0.5),
+      const BilinearCorners<acc_t> b(static_cast<acc_t>(locations[2 * i]) * width - acc_t(0.5),
                              static_cast<acc_t>(locations[2 * i + 1]) * height - acc_t(0.5), height, width);
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
@@ -98,7 +72,7 @@ __global__ void backward_kernel(int64_t total, MsDeformAttnSizes s, const scalar
   const int64_t offset = ((n * s.tokens + starts[l]) * s.heads + m) * s.channels;
   const scalar_t* go = grad_out + nqm * s.channels;
   const acc_t a = static_cast<acc_t>(weights[i]);
-  const Corners<acc_t> b(static_cast<acc_t>(locations[2 * i]) * width - acc_t(0.5),
+  const BilinearCorners<acc_t> b(static_cast<acc_t>(locations[2 * i]) * width - acc_t(0.5),
                          static_cast<acc_t>(locations[2 * i + 1]) * height - acc_t(0.5), height, width);
   acc_t sample = 0, grad_x = 0, grad_y = 0;
 #pragma unroll
@@ -148,15 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
   const auto s = check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_locations,
                                              attention_weights);
-  TORCH_CHECK_VALUE(grad_output.dim() == 3 && grad_output.size(0) == s.batch && grad_output.size(1) == s.queries &&
-                        grad_output.size(2) == s.heads * s.channels,
-                    "ms_deform_attn_backward: grad_output must be [N, Lq, M * Dh] = [", s.batch, ", ", s.queries,
-                    ", ", s.heads * s.channels, "], got ", grad_output.sizes());
-  TORCH_CHECK_TYPE(grad_output.scalar_type() == value.scalar_type(),
-                   "ms_deform_attn_backward: grad_output must have value's dtype (", value.scalar_type(), "), got ",
-                   grad_output.scalar_type());
-  TORCH_CHECK(grad_output.device() == value.device(), "ms_deform_attn_backward: grad_output must be on ",
-              value.device(), ", got ", grad_output.device());
+  check_ms_deform_attn_grad_output(grad_output, value, s);
   const c10::cuda::CUDAGuard guard(value.device());
   const auto acc_dtype = at::toOpMathType(value.scalar_type());
   at::Tensor grad_value = at::zeros(value.sizes(), value.options().dtype(acc_dtype));
