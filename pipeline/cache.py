@@ -39,7 +39,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from .faults import fault_point
+from .record import SampleRecord
 
 FORMAT = "mask-frozen-detr-cache"
 FORMAT_VERSION = 1
@@ -338,44 +339,50 @@ class FeatureCache:
         return dict(self.group.attrs.get("skipped", {}))
 
     # ------------------------------------------------------------------ writing
-    def write(self, i: int, *, queries, logits, boxes, query_index, encoder_tokens: dict[int, torch.Tensor],
-              spatial_shapes, valid_ratios, c1: torch.Tensor) -> None:
-        """Write every array of image ``i``, then set its ``done`` flag (last).
+    def write(self, i: int, record: SampleRecord) -> None:
+        """Write every array of image ``i`` from its record, then set its ``done`` flag (last).
 
         Args:
-            queries ``[K, D]``, logits ``[K, C]``, boxes ``[K, 4]`` cxcywh normalized,
-            query_index ``[K]``, encoder_tokens ``{layer: [S, D]}``, spatial_shapes ``[L, 2]``,
-            valid_ratios ``[L, 2]``, c1 ``[C1, H1, W1]``: the fields of
-            :class:`pipeline.detectors.base.Extracted`.
+            i: store index (0..N-1).
+            record: the detector's :class:`~pipeline.record.SampleRecord` of that image (its
+                ``image_id``/``size``, when set, must be the layout's; ``extras`` are not stored).
 
         Raises:
-            CacheError: shapes disagree with the layout the store was created with (the
-                message names the field); nothing of image ``i`` is marked done then.
+            CacheError: the record disagrees with the layout the store was created with (image
+                id, size, spatial_shapes, c1 or token counts, encoder layers; the message names
+                the field); nothing of image ``i`` is marked done then.
         """
         g, dt = self.group, self.dtype
+        image_id = int(self.image_ids[i])
+        if record.image_id is not None and int(record.image_id) != image_id:
+            raise CacheError(f"{self.path}: record of image {record.image_id} written at index {i}, which holds image {image_id}")
+        if record.size is not None and tuple(int(x) for x in record.size) != tuple(int(x) for x in self._size[i]):
+            raise CacheError(f"image {image_id}: size {tuple(record.size)} differs from the layout {tuple(self._size[i].tolist())}")
         exp_shapes = self._spatial_shapes[i]
-        got_shapes = np.asarray(torch.as_tensor(spatial_shapes).tolist(), dtype=np.int32)
+        got_shapes = np.asarray(torch.as_tensor(record.spatial_shapes).tolist(), dtype=np.int32)
         if got_shapes.shape != exp_shapes.shape or not np.array_equal(got_shapes, exp_shapes):
-            raise CacheError(f"image {self.image_ids[i]}: spatial_shapes {got_shapes.tolist()} differ from the "
+            raise CacheError(f"image {image_id}: spatial_shapes {got_shapes.tolist()} differ from the "
                              f"layout {exp_shapes.tolist()} computed before extraction")
+        c1 = record.c1
         h1, w1 = (int(x) for x in self._c1_shape[i])
         if tuple(c1.shape[1:]) != (h1, w1):
-            raise CacheError(f"image {self.image_ids[i]}: c1 has shape {tuple(c1.shape)}, layout expects [*, {h1}, {w1}]")
-        if set(encoder_tokens) != set(self.encoder_layers):
-            raise CacheError(f"image {self.image_ids[i]}: encoder layers {sorted(encoder_tokens)} != cache's {self.encoder_layers}")
+            raise CacheError(f"image {image_id}: c1 has shape {tuple(c1.shape)}, layout expects [*, {h1}, {w1}]")
+        if set(record.encoder_tokens) != set(self.encoder_layers):
+            raise CacheError(f"image {image_id}: encoder layers {sorted(record.encoder_tokens)} != cache's {self.encoder_layers}")
         t0, c0 = int(self._token_offset[i]), int(self._c1_offset[i])
         n_tok = int((exp_shapes[:, 0] * exp_shapes[:, 1]).sum())
-        g["done"][i] = PENDING
-        g["queries"][i] = _to_storage(queries, dt)
-        g["logits"][i] = logits.detach().to("cpu", torch.float32).numpy()
-        g["boxes"][i] = boxes.detach().to("cpu", torch.float32).numpy()
-        g["query_index"][i] = query_index.detach().to("cpu", torch.int32).numpy()
-        g["valid_ratios"][i] = torch.as_tensor(valid_ratios).detach().to("cpu", torch.float32).numpy()
-        fault_point("cache.between_arrays", self.path)
-        for k, tokens in encoder_tokens.items():
+        for k, tokens in record.encoder_tokens.items():
             if tokens.shape[0] != n_tok:
-                raise CacheError(f"image {self.image_ids[i]}: encoder layer {k} has {tokens.shape[0]} tokens, "
+                raise CacheError(f"image {image_id}: encoder layer {k} has {tokens.shape[0]} tokens, "
                                  f"spatial_shapes give {n_tok}")
+        g["done"][i] = PENDING
+        g["queries"][i] = _to_storage(record.queries, dt)
+        g["logits"][i] = record.logits.detach().to("cpu", torch.float32).numpy()
+        g["boxes"][i] = record.boxes.detach().to("cpu", torch.float32).numpy()
+        g["query_index"][i] = record.query_index.detach().to("cpu", torch.int32).numpy()
+        g["valid_ratios"][i] = torch.as_tensor(record.valid_ratios).detach().to("cpu", torch.float32).numpy()
+        fault_point("cache.between_arrays", self.path)
+        for k, tokens in record.encoder_tokens.items():
             g[f"encoder/layer_{k}"][t0 : t0 + n_tok] = _to_storage(tokens, dt)
         g["c1"][c0 : c0 + h1 * w1] = _to_storage(c1.flatten(1).transpose(0, 1), dt)
         fault_point("cache.before_done", self.path)
@@ -390,44 +397,54 @@ class FeatureCache:
         self.group["done"][i] = SKIPPED
 
     # ------------------------------------------------------------------ reading
-    def read(self, i: int, encoder_layer: int | None = None) -> dict[str, Any]:
-        """Everything stored for image ``i`` as tensors (features in the cache dtype).
+    def read(self, i: int, encoder_layer: int | Iterable[int] | None = None) -> SampleRecord:
+        """Everything stored for image ``i`` as a :class:`~pipeline.record.SampleRecord`.
 
-        Returns a dict: ``image_id`` int, ``orig_size``/``size`` ``(h, w)`` ints,
-        ``queries [K, D]``, ``logits [K, C]`` float32, ``boxes [K, 4]`` float32 cxcywh
-        normalized, ``query_index [K]`` int64, ``spatial_shapes [L, 2]`` int64,
-        ``level_start_index [L]`` int64, ``valid_ratios [L, 2]``, ``tokens [S, D]`` (of
-        ``encoder_layer``, default the first stored layer), ``c1 [C1, H1, W1]``.
+        Features (``queries [K, D]``, ``encoder_tokens {layer: [S, D]}``, ``c1 [C1, H1, W1]``)
+        come in the cache dtype; ``logits [K, C]`` and ``boxes [K, 4]`` (cxcywh normalized) are
+        float32, ``query_index [K]``, ``spatial_shapes [L, 2]`` and ``level_start_index [L]``
+        int64, ``valid_ratios [L, 2]`` float32; ``image_id``, ``orig_size`` and ``size``
+        (``(h, w)`` pixels) are set.
+
+        Args:
+            encoder_layer: the stored encoder layer(s) to read (default: the first stored one).
 
         Raises:
-            CacheError: image ``i`` is not completely written, or the layer is not stored.
+            CacheError: image ``i`` is not completely written, or a layer is not stored.
         """
         g, dt = self.group, self.dtype
         if int(g["done"][i]) != DONE:
             raise CacheError(f"{self.path}: image {int(self.image_ids[i])} is not completely extracted "
                              f"(status {int(g['done'][i])}); re-run extract to finish it")
-        layer = self.encoder_layers[0] if encoder_layer is None else int(encoder_layer)
-        if layer not in self.encoder_layers:
-            raise CacheError(f"{self.path}: encoder layer {layer} not stored (have {self.encoder_layers})")
+        if encoder_layer is None:
+            layers = [self.encoder_layers[0]]
+        elif isinstance(encoder_layer, (int, np.integer)):
+            layers = [int(encoder_layer)]
+        else:
+            layers = [int(k) for k in encoder_layer]
+        missing = [k for k in layers if k not in self.encoder_layers]
+        if missing:
+            raise CacheError(f"{self.path}: encoder layer(s) {missing} not stored (have {self.encoder_layers})")
         shapes = torch.from_numpy(self._spatial_shapes[i].astype(np.int64))
         sizes = shapes[:, 0] * shapes[:, 1]
         t0, c0 = int(self._token_offset[i]), int(self._c1_offset[i])
+        t1 = t0 + int(sizes.sum())
         h1, w1 = (int(x) for x in self._c1_shape[i])
         c1 = _from_storage(g["c1"][c0 : c0 + h1 * w1], dt)
-        return {
-            "image_id": int(self.image_ids[i]),
-            "orig_size": tuple(int(x) for x in self._orig_size[i]),
-            "size": tuple(int(x) for x in self._size[i]),
-            "queries": _from_storage(g["queries"][i], dt),
-            "logits": torch.from_numpy(g["logits"][i]),
-            "boxes": torch.from_numpy(g["boxes"][i]),
-            "query_index": torch.from_numpy(g["query_index"][i].astype(np.int64)),
-            "spatial_shapes": shapes,
-            "level_start_index": torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1])),
-            "valid_ratios": torch.from_numpy(g["valid_ratios"][i]),
-            "tokens": _from_storage(g[f"encoder/layer_{layer}"][t0 : t0 + int(sizes.sum())], dt),
-            "c1": c1.transpose(0, 1).reshape(-1, h1, w1),
-        }
+        return SampleRecord(
+            queries=_from_storage(g["queries"][i], dt),
+            logits=torch.from_numpy(g["logits"][i]),
+            boxes=torch.from_numpy(g["boxes"][i]),
+            query_index=torch.from_numpy(g["query_index"][i].astype(np.int64)),
+            encoder_tokens={k: _from_storage(g[f"encoder/layer_{k}"][t0:t1], dt) for k in layers},
+            spatial_shapes=shapes,
+            level_start_index=torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1])),
+            valid_ratios=torch.from_numpy(g["valid_ratios"][i]),
+            c1=c1.transpose(0, 1).reshape(-1, h1, w1),
+            image_id=int(self.image_ids[i]),
+            orig_size=tuple(int(x) for x in self._orig_size[i]),
+            size=tuple(int(x) for x in self._size[i]),
+        )
 
     def disk_bytes(self) -> int:
         """Bytes the store occupies on disk (all files under ``path``)."""

@@ -181,11 +181,11 @@ def _extract_indices(opts: ExtractOptions, indices: list[int], detector=None, co
             continue
         x = data.preprocess(image, opts.min_size, opts.max_size).to(opts.device, dtype)
         mask = torch.zeros((1,) + x.shape[1:], dtype=torch.bool, device=opts.device)
-        ex = detector.extract(x[None], mask, list(cache.encoder_layers), cache.fingerprint["top_k"])[0]
+        record = detector.extract(x[None], mask, list(cache.encoder_layers), cache.fingerprint["top_k"])[0]
+        record.image_id, record.size = image_id, tuple(int(s) for s in x.shape[1:])
+        record.orig_size = (int(info["height"]), int(info["width"]))
         fault_point("extract.before_write", opts.out)
-        cache.write(i, queries=ex.queries, logits=ex.logits, boxes=ex.boxes, query_index=ex.query_index,
-                    encoder_tokens=ex.encoder_tokens, spatial_shapes=ex.spatial_shapes,
-                    valid_ratios=ex.valid_ratios, c1=ex.c1)
+        cache.write(i, record)
     return skipped
 
 

@@ -17,7 +17,7 @@ import zarr
 
 from pipeline.cache import DONE, PENDING, SKIPPED, FeatureCache
 
-from .conftest import COCO_ROOT, REPO, SMALL_EXTRACT, require_coco, run_cli
+from .conftest import COCO_ROOT, REPO, SMALL_EXTRACT, records_equal, require_coco, run_cli
 
 
 def _arrays(path: Path) -> dict:
@@ -57,14 +57,14 @@ def test_extract_writes_complete_cache(small_caches):
     # class columns -> COCO category ids, identity on the 80 real ids
     assert len(fp["class_to_category_id"]) == 80 and all(int(k) == v for k, v in fp["class_to_category_id"].items())
     item = cache.read(0, 6)
-    h, w = item["size"]
+    h, w = item.size
     assert min(h, w) <= 160 and max(h, w) <= 240
-    assert item["queries"].shape == (30, 256) and item["logits"].shape == (30, 91)
-    assert item["c1"].shape[0] == 16 and item["spatial_shapes"].shape == (5, 2)
-    assert item["tokens"].shape == (int(item["spatial_shapes"].prod(1).sum()), 256)
-    best = item["logits"].sigmoid().max(1).values
+    assert item.queries.shape == (30, 256) and item.logits.shape == (30, 91)
+    assert item.c1.shape[0] == 16 and item.spatial_shapes.shape == (5, 2)
+    assert item.tokens.shape == (int(item.spatial_shapes.prod(1).sum()), 256)
+    best = item.logits.sigmoid().max(1).values
     assert bool((best[:-1] >= best[1:]).all()), "queries must be ranked by best class score"
-    assert bool(((item["boxes"] >= 0) & (item["boxes"] <= 1)).all())
+    assert bool(((item.boxes >= 0) & (item.boxes <= 1)).all())
 
 
 def test_random_init_is_reproducible_and_required(tmp_path, small_caches):
@@ -146,7 +146,7 @@ def test_bad_image_stops_with_error_or_is_skipped(tmp_path):
     assert list(cache.skipped) == [str(images[3]["id"])]
     for i in range(3):  # array contents, not just flags, survived the error and the re-run
         again = cache.read(i, 6)
-        assert all(torch.equal(v, again[k]) for k, v in kept[i].items() if isinstance(v, torch.Tensor))
+        assert records_equal(kept[i], again)
 
 
 def test_missing_image_and_wrong_size(tmp_path):
