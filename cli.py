@@ -121,8 +121,17 @@ def main(verbose):
               help="Encoder layers to store, counted from 1 (6 = the memory the decoder reads); comma-separated.")
 @click.option("--top-k", default=100, show_default=True,
               help="Queries kept per image, by best class score (<= the detector's queries: 900 DINO, 300 H-DETR).")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
-              show_default=True, help="Stored feature dtype.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32", "int8"]), default="float16",
+              show_default=True, help="Stored feature dtype; int8 = per-row scales, about half of float16 "
+              "(README: Cache size), read back as float32.")
+@click.option("--keep-bits", type=int, default=None,
+              help="Lossy: keep N mantissa bits of float16 (1..10) / float32 (1..23) features (numcodecs BitRound).")
+@click.option("--codec", default="auto", show_default=True,
+              help="Blosc codec of the feature arrays: auto (measured per array) or zstd-bitshuffle, zstd-shuffle, "
+              "zstd-noshuffle, lz4-bitshuffle, lz4-shuffle, lz4-noshuffle.")
+@click.option("--levels", callback=_int_list, default=None,
+              help="Encoder levels to store, comma-separated indices (0 = finest; default all). A head trained on "
+              "such a cache uses these levels only.")
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
               help="Detector compute precision.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
@@ -298,8 +307,8 @@ def params(config_path, overrides, widths_of):
 @click.option("--min-size", default=800, show_default=True, help="Image size the cache estimate assumes: shorter side.")
 @click.option("--max-size", default=1333, show_default=True, help="... and longer side (the largest default input).")
 @click.option("--top-k", default=100, show_default=True, help="Queries per image in the cache estimate.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True,
-              help="Feature dtype of the cache estimate (as extract --dtype).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32", "int8"]), default="float16",
+              show_default=True, help="Feature dtype of the cache estimate (as extract --dtype).")
 @click.option("--all", "show_all", is_flag=True, help="Also list the reduced test presets.")
 def detectors(min_size, max_size, top_k, dtype, show_all):
     """List the supported detectors: presets, checkpoint files, box AP, head widths and cache size per image.

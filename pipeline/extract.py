@@ -20,7 +20,7 @@ from tqdm import tqdm
 from kernels import ops as kernel_ops
 
 from . import data
-from .cache import DONE, PENDING, RANDOM_INIT_BANNER, SKIPPED, FeatureCache, ImageLayout
+from .cache import DONE, PENDING, RANDOM_INIT_BANNER, SKIPPED, FeatureCache, ImageLayout, check_storage
 from .detectors import build_detector
 from .faults import fault_point
 from .utils import WriterLock, file_sha256
@@ -38,7 +38,12 @@ class ExtractOptions:
         random_init: allow running without weights (random weights from ``seed``).
         encoder_layers: encoder layers to store, counted from 1.
         top_k: queries kept per image.
-        dtype: stored feature dtype (``float16``, ``bfloat16``, ``float32``).
+        dtype: stored feature dtype (``float16``, ``bfloat16``, ``float32``, ``int8``: per-row
+            scales, dequantised on read; see :mod:`pipeline.cache`).
+        keep_bits: mantissa bits kept by numcodecs BitRound (float16/float32 only; lossy), None = all.
+        codec: Blosc codec of the feature arrays (``auto`` = measured per array, or a key of
+            :data:`pipeline.cache.CODECS`).
+        levels: encoder levels to store (indices, 0 = finest), None = all of the detector's.
         min_size, max_size: test-time resize (pixels): shorter side, cap on the longer side.
         impl: deformable-attention kernel (:data:`kernels.ops.IMPLS`); a run-time choice, not in
             the fingerprint (caches extracted with different kernels are used together).
@@ -61,6 +66,9 @@ class ExtractOptions:
     encoder_layers: list[int] = field(default_factory=lambda: [4])
     top_k: int = 100
     dtype: str = "float16"
+    keep_bits: int | None = None
+    codec: str = "auto"
+    levels: list[int] | None = None
     device: str = "cpu"
     precision: str = "float32"
     skip_bad_images: bool = False
@@ -110,12 +118,31 @@ def make_fingerprint(opts: ExtractOptions, detector, checkpoint_sha: str, ann_fi
         "encoder_layers": sorted(set(int(k) for k in opts.encoder_layers)),
         "top_k": int(opts.top_k),
         "dtype": opts.dtype,
+        "keep_bits": None if opts.keep_bits is None else int(opts.keep_bits),
+        "codec": opts.codec,
+        "levels": stored_levels(opts, detector),
         "class_to_category_id": {str(k): int(v) for k, v in detector.class_to_category_id().items()},
         "feature_widths": {"c1_channels": int(detector.c1_channels),
-                           "num_feature_levels": int(detector.num_feature_levels)},
+                           "num_feature_levels": len(stored_levels(opts, detector))},
         "ann_file": str(Path(ann_file).resolve()),
         "ann_sha256": file_sha256(Path(ann_file)),
     }
+
+
+def stored_levels(opts: ExtractOptions, detector) -> list[int]:
+    """The encoder levels the store holds (``--levels``, default all of the detector's), ascending.
+
+    Raises:
+        ValueError: a level outside ``0..num_feature_levels-1`` or repeated (names ``--levels``).
+    """
+    n = int(detector.num_feature_levels)
+    if opts.levels is None:
+        return list(range(n))
+    levels = [int(k) for k in opts.levels]
+    if not levels or len(set(levels)) != len(levels) or not all(0 <= k < n for k in levels):
+        raise ValueError(f"--levels must be distinct level indices in 0..{n - 1} (0 = finest) of {opts.detector}, "
+                         f"got {opts.levels}")
+    return sorted(levels)
 
 
 def _log_class_mapping(column_to_category: dict[int, int], coco) -> None:
@@ -131,13 +158,14 @@ def _log_class_mapping(column_to_category: dict[int, int], coco) -> None:
                     "trained for them", missing)
 
 
-def _layouts(coco, image_ids, detector, min_size, max_size) -> list[ImageLayout]:
+def _layouts(coco, image_ids, detector, min_size, max_size, levels: list[int]) -> list[ImageLayout]:
     layouts = []
     for image_id in image_ids:
         info = coco.imgs[image_id]
         w, h = int(info["width"]), int(info["height"])
         rh, rw = data.resize_shape(w, h, min_size, max_size)
         shapes, c1_hw = detector.feature_shapes(rh, rw)
+        shapes = shapes[levels]
         layouts.append(ImageLayout(int(image_id), (h, w), (rh, rw),
                                    [tuple(int(x) for x in s) for s in shapes.tolist()], tuple(int(x) for x in c1_hw)))
     return layouts
@@ -182,6 +210,7 @@ def _extract_indices(opts: ExtractOptions, indices: list[int], detector=None, co
         x = data.preprocess(image, opts.min_size, opts.max_size).to(opts.device, dtype)
         mask = torch.zeros((1,) + x.shape[1:], dtype=torch.bool, device=opts.device)
         record = detector.extract(x[None], mask, list(cache.encoder_layers), cache.fingerprint["top_k"])[0]
+        record = record.select_levels(cache.fingerprint["levels"])
         record.image_id, record.size = image_id, tuple(int(s) for s in x.shape[1:])
         record.orig_size = (int(info["height"]), int(info["width"]))
         fault_point("extract.before_write", opts.out)
@@ -250,6 +279,7 @@ def _run_extract_locked(opts: ExtractOptions) -> dict:
     image_ids = data.select_image_ids(coco, opts.image_ids, opts.max_images)
     if not 1 <= opts.top_k:
         raise ValueError(f"--top-k must be >= 1, got {opts.top_k}")
+    check_storage(opts.dtype, opts.keep_bits, opts.codec)  # before any compute or write
     check_images_before_compute(coco, image_ids, image_dir, opts.skip_bad_images)
     detector, sha = build_frozen_detector(opts)
     if opts.top_k > detector.num_queries:
@@ -259,7 +289,7 @@ def _run_extract_locked(opts: ExtractOptions) -> dict:
         raise ValueError(f"--encoder-layers {bad} out of range 1..{detector.num_encoder_layers}")
     fingerprint = make_fingerprint(opts, detector, sha, ann_file)
     _log_class_mapping(detector.class_to_category_id(), coco)
-    layouts = _layouts(coco, image_ids, detector, opts.min_size, opts.max_size)
+    layouts = _layouts(coco, image_ids, detector, opts.min_size, opts.max_size, fingerprint["levels"])
     cache = FeatureCache.create_or_resume(
         opts.out, fingerprint, layouts, top_k=opts.top_k, hidden_dim=detector.hidden_dim,
         num_classes=detector.num_classes, c1_channels=detector.c1_channels, overwrite=opts.overwrite)

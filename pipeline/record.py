@@ -8,6 +8,7 @@ detector. The module knows tensors only: it imports neither models nor the store
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -80,6 +81,33 @@ class SampleRecord:
             raise ValueError(f"record of image {self.image_id} holds encoder layers {sorted(self.encoder_tokens)}; "
                              "pick one with encoder_tokens[layer]")
         return next(iter(self.encoder_tokens.values()))
+
+    def select_levels(self, levels: list[int]) -> "SampleRecord":
+        """The record with only the encoder levels ``levels`` (indices into ``spatial_shapes``, ascending).
+
+        Tokens of the kept levels stay in level order; ``spatial_shapes``, ``level_start_index``
+        and ``valid_ratios`` keep those levels' rows. Other fields are shared, not copied.
+
+        Raises:
+            ValueError: a level outside ``0..L-1``, repeated or not ascending.
+        """
+        levels = [int(k) for k in levels]
+        num_levels = int(self.spatial_shapes.shape[0])
+        if not levels or levels != sorted(set(levels)) or not all(0 <= k < num_levels for k in levels):
+            raise ValueError(f"levels must be ascending distinct indices in 0..{num_levels - 1}, got {levels}")
+        if levels == list(range(num_levels)):
+            return self
+        sizes = (self.spatial_shapes[:, 0] * self.spatial_shapes[:, 1]).tolist()
+        starts = [0]
+        for n in sizes[:-1]:
+            starts.append(starts[-1] + n)
+        rows = torch.cat([torch.arange(starts[k], starts[k] + sizes[k]) for k in levels])
+        shapes = self.spatial_shapes[levels]
+        kept = shapes[:, 0] * shapes[:, 1]
+        return dataclasses.replace(
+            self, encoder_tokens={k: t[rows.to(t.device)] for k, t in self.encoder_tokens.items()},
+            spatial_shapes=shapes, level_start_index=torch.cat((kept.new_zeros(1), kept.cumsum(0)[:-1])),
+            valid_ratios=self.valid_ratios[levels])
 
     def non_finite_fields(self) -> list[str]:
         """Names among :data:`FEATURE_FIELDS` that hold NaN or Inf (empty when all are finite)."""

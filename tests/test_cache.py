@@ -136,5 +136,52 @@ def test_not_a_cache(tmp_path):
     with pytest.raises(CacheError, match="not a mask-frozen-detr-cache"):
         FeatureCache.open(tmp_path / "other.zarr")
     with pytest.raises(CacheError, match="dtype must be"):
-        FeatureCache.create_or_resume(tmp_path / "x.zarr", _fingerprint("int8"), _layouts(), top_k=5, hidden_dim=8,
+        FeatureCache.create_or_resume(tmp_path / "x.zarr", _fingerprint("int4"), _layouts(), top_k=5, hidden_dim=8,
                                       num_classes=3, c1_channels=6)
+    with pytest.raises(CacheError, match="--codec must be"):
+        FeatureCache.create_or_resume(tmp_path / "x.zarr", _fingerprint(codec="brotli"), _layouts(), top_k=5,
+                                      hidden_dim=8, num_classes=3, c1_channels=6)
+    with pytest.raises(CacheError, match="--keep-bits must be in 1..10"):
+        FeatureCache.create_or_resume(tmp_path / "x.zarr", _fingerprint(keep_bits=11), _layouts(), top_k=5,
+                                      hidden_dim=8, num_classes=3, c1_channels=6)
+    with pytest.raises(CacheError, match="--keep-bits applies to float16/float32"):
+        FeatureCache.create_or_resume(tmp_path / "x.zarr", _fingerprint("int8", keep_bits=5), _layouts(), top_k=5,
+                                      hidden_dim=8, num_classes=3, c1_channels=6)
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def _rel_rms(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).pow(2).mean().sqrt() / want.double().pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("dtype,keep_bits,bound", [("int8", None, 0.01), ("bfloat16", None, 0.005),
+                                                   ("float16", 7, 0.005), ("float16", 4, 0.04)])
+def test_lossy_storage_stays_within_its_documented_error(tmp_path, dtype, keep_bits, bound):
+    """int8 (per-row float16 scales), bfloat16 and BitRound(keep_bits) round trips: relative RMS error
+    within the bound the README states, max error within the quantisation step; int8 reads as float32."""
+    from pipeline.cache import quantize_int8
+
+    cache = FeatureCache.create_or_resume(tmp_path / "c.zarr", _fingerprint(dtype, keep_bits=keep_bits), _layouts(),
+                                          top_k=5, hidden_dim=8, num_classes=3, c1_channels=6,
+                                          token_chunk_rows=64, c1_chunk_rows=64)
+    recs = [_record(i) for i in range(3)]
+    for i, rec in enumerate(recs):
+        cache.write(i, rec)
+    reader = FeatureCache.open(tmp_path / "c.zarr")
+    if dtype == "int8":
+        assert reader.group["encoder/layer_4"].dtype == "int8" and reader.group["c1_scale"].dtype == "float16"
+    for i, rec in enumerate(recs):
+        got = reader.read(i, [4, 6])
+        assert got.queries.dtype == got.c1.dtype == {"int8": torch.float32, "bfloat16": torch.bfloat16,
+                                                     "float16": torch.float16}[dtype]
+        pairs = [(got.queries, rec.queries), (got.c1, rec.c1)] + [(got.encoder_tokens[k], rec.encoder_tokens[k]) for k in (4, 6)]
+        for a, b in pairs:
+            assert a.shape == b.shape and _rel_rms(a, b) <= bound
+            assert 0 < _rel_rms(a, b)  # lossy: the option really changed the values
+        if dtype == "int8":  # per-row error <= half a step of that row's scale (+ float16 scale rounding)
+            x = rec.encoder_tokens[4]
+            step = x.abs().amax(1, keepdim=True) / 127
+            assert bool(((got.encoder_tokens[4] - x).abs() <= step * 0.5 + x.abs() * 2e-3 + 1e-6).all())
+        assert torch.equal(got.logits, rec.logits) and torch.equal(got.boxes, rec.boxes)  # never quantised
+    q, s = quantize_int8(torch.zeros(2, 4))
+    assert q.abs().sum() == 0 and s.abs().sum() == 0  # an all-zero row stays zero (no division by 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import zarr
 
@@ -170,7 +172,6 @@ def test_caches_from_different_kernels_are_used_together(tmp_path):
     from kernels import ops
 
     if not ops.compiled_available("cpu"):
-        import pytest
 
         pytest.skip("CPU kernel not built")
     stores = {}
@@ -191,3 +192,46 @@ def test_caches_from_different_kernels_are_used_together(tmp_path):
             np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=k)
         else:
             assert np.array_equal(a[k], b[k]), k
+
+
+def test_int8_store_with_fewer_levels_trains_a_head(tmp_path):
+    """--dtype int8 --levels: scales in the store and schema, values dequantised to float32 on read,
+    and a head trains on it with the stored level count; bad choices are refused before any write."""
+    require_coco()
+    from pipeline.train import load_checkpoint
+
+    from .conftest import SMALL_HEAD
+
+    common = ["--detector", "dino-focalnet", "--preset", "golden-small", "--random-init", "--min-size", "160",
+              "--max-size", "240", "--encoder-layers", "4", "--top-k", "30", "--coco-root", COCO_ROOT,
+              "--split", "train2017", "--max-images", 2]
+    proc = run_cli("extract", *common, "--dtype", "int8", "--keep-bits", "5", "--out", tmp_path / "bad.zarr", check=False)
+    assert proc.returncode == 2 and "--keep-bits applies to float16/float32" in proc.stderr, proc.stderr
+    from pipeline.cache import CacheError
+    from pipeline.extract import ExtractOptions, run_extract
+
+    opts = ExtractOptions(out=tmp_path / "bad.zarr", preset="golden-small", random_init=True, coco_root=COCO_ROOT,
+                          split="train2017", max_images=2, min_size=160, max_size=240)
+    for bad, error, msg in (({"levels": [0, 7]}, ValueError, "--levels must be distinct level indices in 0..4"),
+                            ({"codec": "brotli"}, CacheError, "--codec must be")):
+        with pytest.raises(error, match=msg):
+            run_extract(dataclasses.replace(opts, **bad))
+    assert not (tmp_path / "bad.zarr").exists()
+    out = tmp_path / "int8.zarr"
+    run_cli("extract", *common, "--dtype", "int8", "--levels", "0,1,2", "--out", out)
+    cache = FeatureCache.open(out)
+    fp = cache.fingerprint
+    assert fp["dtype"] == "int8" and fp["levels"] == [0, 1, 2] and fp["codec"] == "auto"
+    assert fp["feature_widths"] == {"c1_channels": 16, "num_feature_levels": 3}
+    g = zarr.open_group(str(out), mode="r")
+    assert g["encoder/layer_4"].dtype == np.int8 and g["encoder/layer_4_scale"].dtype == np.float16
+    assert g["c1"].dtype == np.int8 and g["c1_scale"].shape == (g["c1"].shape[0],)
+    rec = cache.read(0, 4)
+    assert rec.tokens.dtype == rec.c1.dtype == rec.queries.dtype == torch.float32
+    assert rec.spatial_shapes.shape == (3, 2) and rec.tokens.shape[0] == int(rec.spatial_shapes.prod(1).sum())
+    run = tmp_path / "run"
+    run_cli("train-head", "--cache", out, "--config", REPO / "configs" / "mfdetr_dino_focalnet_l.yaml",
+            *[a for s in SMALL_HEAD for a in ("--set", s)], "--max-iters", 2, "--batch-size", 2, "--boxes", "gt",
+            "--device", "cpu", "--out", run)
+    ckpt = load_checkpoint(run / "head.pt")
+    assert ckpt["step"] == 2 and ckpt["config"]["head"]["num_feature_levels"] == 3
