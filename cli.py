@@ -158,6 +158,45 @@ def extract(**kw):
     click.echo(json.dumps(summary, indent=1))
 
 
+# -------------------------------------------------------------------------------- cache-info
+@main.command("cache-info")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
+@friendly_errors
+def cache_info(store, as_json):
+    """What a feature cache holds: settings, counts, bytes on disk per array and per image.
+
+    Counts: done, pending (not yet or partly written: re-run extract), skipped (with the reason).
+    Per array: dtype, codecs, bytes on disk, uncompressed bytes of the rows images use, and the
+    compression ratio between the two.
+    """
+    from pipeline.cache import FeatureCache
+
+    info = FeatureCache.open(store).info()
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    st = info["storage"]
+    click.echo(f"{info['path']}  (format {info['format_version']})")
+    click.echo(f"detector {info['detector']}  checkpoint {info['checkpoint_sha256']}"
+               + ("  RANDOM-INIT" if info["random_init"] else ""))
+    pre = info["preprocessing"] or {}
+    click.echo(f"preprocessing {pre.get('min_size')}/{pre.get('max_size')}  top_k {st['top_k']}  "
+               f"encoder layers {st['encoder_layers']}  levels {st['levels']}  widths {st['feature_widths']}")
+    click.echo(f"dtype {st['dtype']}  keep_bits {st['keep_bits']}  codec {st['codec']}")
+    click.echo(f"images {info['images']}: done {info['done']}, pending {info['pending']}, "
+               f"skipped {len(info['skipped'])}")
+    for image_id, reason in info["skipped"].items():
+        click.echo(f"  skipped {image_id}: {reason}")
+    click.echo(f"\n{'array':<24s} {'dtype':<8s} {'codecs':<28s} {'on disk MB':>11s} {'data MB':>9s} {'ratio':>6s}")
+    for name, a in info["arrays"].items():
+        ratio = f"{a['ratio']:6.2f}" if a["ratio"] is not None else "     -"
+        click.echo(f"{name:<24s} {a['dtype']:<8s} {', '.join(a['codecs']) or '-':<28s} "
+                   f"{a['stored_bytes'] / 1e6:11.3f} {a['data_bytes'] / 1e6:9.3f} {ratio}")
+    per = f"{info['mb_per_done_image']:.3f} MB per done image" if info["mb_per_done_image"] is not None else "no image done"
+    click.echo(f"\ntotal on disk {info['disk_bytes'] / 1e6:.3f} MB, {per}, compression ratio {info['ratio']}")
+
+
 # ----------------------------------------------------------------------------- check-weights
 @main.command("check-weights")
 @click.option("--detector", default="dino-focalnet", show_default=True,

@@ -574,6 +574,61 @@ class FeatureCache:
             size=tuple(int(x) for x in self._size[i]),
         )
 
+    def info(self) -> dict:
+        """What the store holds and what it costs (``cli.py cache-info``).
+
+        Returns a JSON-serialisable dict: ``path``, ``format_version``, ``storage`` (``dtype``,
+        ``keep_bits``, ``codec``, ``levels``, ``encoder_layers``, ``top_k``, ``feature_widths``),
+        ``detector``, ``checkpoint_sha256``, ``random_init``, ``preprocessing``, ``images``,
+        ``done``, ``pending``, ``skipped`` (``{image_id: reason}``), ``arrays`` (per array path:
+        ``dtype``, ``shape``, ``chunks``, ``codecs``, ``stored_bytes`` on disk, ``data_bytes``
+        uncompressed bytes of the rows images use, ``ratio`` = data / stored), ``disk_bytes``
+        (whole store), ``mb_per_done_image`` and ``ratio`` (all data bytes / all stored bytes).
+        """
+        status = self.status()
+        used_tokens = int(sum(int((s[:, 0] * s[:, 1]).sum()) for s in self._spatial_shapes))
+        used_c1 = int(sum(int(h * w) for h, w in self._c1_shape))
+        arrays = {}
+
+        def visit(group, prefix=""):
+            for name, node in sorted(group.members(), key=lambda m: m[0]):
+                if isinstance(node, zarr.Group):
+                    visit(node, f"{prefix}{name}/")
+                    continue
+                path = prefix + name
+                row_bytes = int(np.prod(node.shape[1:], dtype=np.int64)) * node.dtype.itemsize
+                rows = used_tokens if path.startswith("encoder/") else used_c1 if path.startswith("c1") and \
+                    path not in ("c1_shape", "c1_offset") else node.shape[0] if node.shape else 1
+                stored = int(node.nbytes_stored())
+                meta = node.metadata.to_dict()
+                arrays[path] = {"dtype": str(node.dtype), "shape": list(node.shape), "chunks": list(node.chunks),
+                                "codecs": [c["name"] + (f"({c['configuration'].get('cname', '')}"
+                                                        f"{', ' + c['configuration']['shuffle'] if 'shuffle' in c.get('configuration', {}) else ''})"
+                                                        if c["name"] == "blosc" else
+                                                        f"(keepbits={c['configuration']['keepbits']})" if "bitround" in c["name"] else "")
+                                           for c in meta.get("codecs", []) if c["name"] != "bytes"],
+                                "stored_bytes": stored, "data_bytes": rows * row_bytes,
+                                "ratio": round(rows * row_bytes / stored, 3) if stored else None}
+
+        visit(self.group)
+        disk = self.disk_bytes()
+        n_done = int((status == DONE).sum())
+        fp = self.fingerprint
+        data_total = sum(a["data_bytes"] for a in arrays.values())
+        stored_total = sum(a["stored_bytes"] for a in arrays.values())
+        return {
+            "path": str(self.path), "format_version": FORMAT_VERSION,
+            "storage": {"dtype": self.dtype, "keep_bits": self.keep_bits, "codec": self.codec,
+                        "levels": fp.get("levels"), "encoder_layers": self.encoder_layers, "top_k": fp.get("top_k"),
+                        "feature_widths": fp.get("feature_widths")},
+            "detector": fp.get("detector"), "checkpoint_sha256": fp.get("checkpoint_sha256"),
+            "random_init": fp.get("random_init"), "preprocessing": fp.get("preprocessing"),
+            "images": len(self), "done": n_done, "pending": int((status == PENDING).sum()),
+            "skipped": self.skipped, "arrays": arrays, "disk_bytes": disk,
+            "mb_per_done_image": round(disk / 1e6 / n_done, 3) if n_done else None,
+            "ratio": round(data_total / stored_total, 3) if stored_total else None,
+        }
+
     def disk_bytes(self) -> int:
         """Bytes the store occupies on disk (all files under ``path``)."""
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())

@@ -149,6 +149,17 @@ def test_bad_image_stops_with_error_or_is_skipped(tmp_path):
     for i in range(3):  # array contents, not just flags, survived the error and the re-run
         again = cache.read(i, 6)
         assert records_equal(kept[i], again)
+    info = json.loads(run_cli("cache-info", out, "--json").stdout)  # what a user sees of this store
+    assert (info["images"], info["done"], info["pending"]) == (4, 3, 0)
+    assert list(info["skipped"]) == [str(images[3]["id"])] and "JPEG" in info["skipped"][str(images[3]["id"])].upper()
+    assert info["storage"]["dtype"] == "float16" and info["storage"]["encoder_layers"] == [4, 6]
+    arrays = info["arrays"]
+    assert arrays["encoder/layer_6"]["dtype"] == "float16" and arrays["c1"]["shape"][1] == 16
+    assert arrays["encoder/layer_6"]["data_bytes"] == sum(int(cache.read(i, 6).tokens.numel()) * 2 for i in range(3))
+    assert info["disk_bytes"] == cache.disk_bytes() and sum(a["stored_bytes"] for a in arrays.values()) <= info["disk_bytes"]
+    assert abs(info["mb_per_done_image"] - cache.disk_bytes() / 1e6 / 3) < 1e-3
+    text = run_cli("cache-info", out).stdout
+    assert f"skipped {images[3]['id']}:" in text and "encoder/layer_6" in text and "MB per done image" in text
 
 
 def test_missing_image_and_wrong_size(tmp_path):
@@ -172,7 +183,6 @@ def test_caches_from_different_kernels_are_used_together(tmp_path):
     from kernels import ops
 
     if not ops.compiled_available("cpu"):
-
         pytest.skip("CPU kernel not built")
     stores = {}
     for impl in ("reference", "cpu"):
