@@ -137,6 +137,11 @@ def main(verbose):
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
 @click.option("--workers", default=1, show_default=True,
               help="Worker processes (dask); each owns whole images of the store.")
+@click.option("--batch-size", default=1, show_default=True,
+              help="Images per detector forward. Only images of identical resized size are batched (no padding), "
+              "so each image's values equal a batch-1 run's up to float rounding.")
+@click.option("--decode-workers", type=int, default=None,
+              help="DataLoader workers decoding images (default: 0 on CPU, up to 4 on CUDA).")
 @click.option("--skip-bad-images", is_flag=True,
               help="Record unreadable images in the store's skipped list and go on (default: stop with an error).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out instead of resuming it.")

@@ -445,6 +445,10 @@ class FeatureCache:
         """``[N]`` uint8: 0 pending/partial, 1 done, 2 skipped."""
         return self.group["done"][:]
 
+    def sizes(self, indices: Iterable[int]) -> dict[int, tuple[int, int]]:
+        """``{index: (h, w)}`` resized image size in pixels (from the layout) of the given indices."""
+        return {int(i): (int(self._size[i][0]), int(self._size[i][1])) for i in indices}
+
     def done_indices(self) -> list[int]:
         """Indices of completely written images."""
         return [int(i) for i in np.flatnonzero(self.status() == DONE)]

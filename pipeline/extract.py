@@ -9,6 +9,7 @@ skipped and a partially written image is rewritten.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -45,6 +46,9 @@ class ExtractOptions:
             :data:`pipeline.cache.CODECS`).
         levels: encoder levels to store (indices, 0 = finest), None = all of the detector's.
         min_size, max_size: test-time resize (pixels): shorter side, cap on the longer side.
+        batch_size: images per detector forward; only images of identical resized size are
+            batched (no padding), so values do not depend on it beyond float rounding.
+        decode_workers: DataLoader workers decoding images (None = 0 on CPU, up to 4 on CUDA).
         impl: deformable-attention kernel (:data:`kernels.ops.IMPLS`); a run-time choice, not in
             the fingerprint (caches extracted with different kernels are used together).
     """
@@ -75,6 +79,8 @@ class ExtractOptions:
     overwrite: bool = False
     workers: int = 1
     impl: str = "auto"
+    batch_size: int = 1
+    decode_workers: int | None = None
 
 
 def build_frozen_detector(opts: ExtractOptions):
@@ -171,14 +177,106 @@ def _layouts(coco, image_ids, detector, min_size, max_size, levels: list[int]) -
     return layouts
 
 
+def size_batches(sizes: dict[int, tuple[int, int]], indices: list[int], batch_size: int) -> list[list[int]]:
+    """Batches of store indices whose resized ``(h, w)`` is identical, so no image is padded.
+
+    Images keep their order within a size; a size's batches come where its first image was.
+    Every image's cached values therefore come from an unpadded forward, as at batch size 1.
+
+    Args:
+        sizes: ``{index: (h, w)}`` resized size in pixels; indices: the images to batch.
+        batch_size: at most this many images per batch (>= 1).
+
+    Raises:
+        ValueError: ``batch_size < 1`` (names ``--batch-size``).
+    """
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in indices:
+        groups.setdefault(tuple(sizes[i]), []).append(i)
+    return [g[j : j + batch_size] for g in groups.values() for j in range(0, len(g), batch_size)]
+
+
+class _DecodedBatches(torch.utils.data.Dataset):
+    """Item ``n``: ``[(index, image [3, h, w] float32 or None, error or None)]`` of batch ``n``
+    (decoding and preprocessing, run in DataLoader workers when ``--decode-workers`` > 0)."""
+
+    def __init__(self, batches, paths, expected_sizes, min_size, max_size):
+        self.batches, self.paths, self.expected = batches, paths, expected_sizes
+        self.min_size, self.max_size = min_size, max_size
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, n):
+        out = []
+        for i in self.batches[n]:
+            try:
+                image = data.load_image(self.paths[i], expected_size=self.expected[i])
+            except data.DataError as e:
+                out.append((i, None, str(e)))
+                continue
+            out.append((i, data.preprocess(image, self.min_size, self.max_size), None))
+        return out
+
+
+class _Writer:
+    """Writes records into the cache from a background thread, so the detector never waits for
+    the disk. ``put`` blocks when ``depth`` items are queued; an error in the thread is raised
+    by the next ``put`` or by ``close`` (images written before it stay done)."""
+
+    def __init__(self, cache: FeatureCache, out, depth: int = 2):
+        import queue
+        import threading
+
+        self.cache, self.out, self.error = cache, out, None
+        self.queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain after an error; nothing more is written
+            kind, i, payload = item
+            try:
+                if kind == "skip":
+                    self.cache.mark_skipped(i, payload)
+                else:
+                    fault_point("extract.before_write", self.out)
+                    self.cache.write(i, payload)
+            except BaseException as e:  # re-raised in the main thread
+                self.error = e
+
+    def _check(self):
+        if self.error is not None:
+            raise self.error
+
+    def put(self, kind: str, i: int, payload) -> None:
+        self._check()
+        self.queue.put((kind, i, payload))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._check()
+
+
 def _extract_indices(opts: ExtractOptions, indices: list[int], detector=None, coco=None,
-                     position: int = 0) -> list[tuple[int, str]]:
-    """Extract the images at store positions ``indices``; returns ``[(index, reason)]`` skipped.
+                     position: int = 0) -> tuple[list[tuple[int, str]], int]:
+    """Extract the images at store positions ``indices``; returns ``([(index, reason)] skipped,
+    number of detector forwards)``.
 
     Runs in the main process (``detector`` given) or in a dask worker process, which builds its
-    own detector and opens the store itself. Only the main process writes the store's
-    attributes (the skip reasons); a worker sets the image's own ``done`` flag and returns
-    the reason for the main process to record.
+    own detector and opens the store itself. Images of identical resized size are batched
+    (``opts.batch_size``, :func:`size_batches`), decoded in ``opts.decode_workers`` DataLoader
+    workers, and written by a background thread through :meth:`FeatureCache.write`. Only the
+    main process writes the store's attributes (the skip reasons); a worker returns them for
+    the main process to record.
     """
     in_main = detector is not None
     if not in_main:  # a fresh worker process: the run-time kernel choice is per process
@@ -189,39 +287,67 @@ def _extract_indices(opts: ExtractOptions, indices: list[int], detector=None, co
         detector, _ = build_frozen_detector(opts)
     if coco is None:
         coco = data.load_coco(ann_file, require_annotations=False)
-    skipped = []
+    skipped, forwards = [], 0
     dtype = next(detector.parameters()).dtype
-    bar = tqdm(indices, desc="extract", unit="img", position=position, dynamic_ncols=True)
-    for i in bar:
-        image_id = int(cache.image_ids[i])
-        info = coco.imgs[image_id]
-        path = Path(image_dir) / info["file_name"]
-        try:
-            image = data.load_image(path, expected_size=(int(info["width"]), int(info["height"])))
-        except data.DataError as e:
-            if not opts.skip_bad_images:
-                raise
-            log.warning("skipping image %d: %s", image_id, e)
-            if in_main:
-                cache.mark_skipped(i, str(e))
-            else:  # the main process records it (reason, then flag); a crash before leaves it pending
-                skipped.append((i, str(e)))
-            continue
-        x = data.preprocess(image, opts.min_size, opts.max_size).to(opts.device, dtype)
-        mask = torch.zeros((1,) + x.shape[1:], dtype=torch.bool, device=opts.device)
-        record = detector.extract(x[None], mask, list(cache.encoder_layers), cache.fingerprint["top_k"])[0]
-        record = record.select_levels(cache.fingerprint["levels"])
-        record.image_id, record.size = image_id, tuple(int(s) for s in x.shape[1:])
-        record.orig_size = (int(info["height"]), int(info["width"]))
-        fault_point("extract.before_write", opts.out)
-        cache.write(i, record)
-    return skipped
+    ids = {i: int(cache.image_ids[i]) for i in indices}
+    paths = {i: Path(image_dir) / coco.imgs[ids[i]]["file_name"] for i in indices}
+    expected = {i: (int(coco.imgs[ids[i]]["width"]), int(coco.imgs[ids[i]]["height"])) for i in indices}
+    batches = size_batches(cache.sizes(indices), indices, opts.batch_size)
+    workers = decode_workers(opts)
+    loader = torch.utils.data.DataLoader(
+        _DecodedBatches(batches, paths, expected, opts.min_size, opts.max_size), batch_size=None, shuffle=False,
+        num_workers=workers, multiprocessing_context="spawn" if workers else None,
+        prefetch_factor=2 if workers else None, persistent_workers=False)
+    writer = _Writer(cache, opts.out)
+    bar = tqdm(total=len(indices), desc="extract", unit="img", position=position, dynamic_ncols=True)
+    try:
+        for decoded in loader:
+            good = []
+            for i, x, error in decoded:
+                if error is None:
+                    good.append((i, x))
+                    continue
+                if not opts.skip_bad_images:
+                    raise data.DataError(error)
+                log.warning("skipping image %d: %s", ids[i], error)
+                if in_main:
+                    writer.put("skip", i, error)
+                else:  # the main process records it (reason, then flag); a crash before leaves it pending
+                    skipped.append((i, error))
+            bar.update(len(decoded) - len(good))
+            if not good:
+                continue
+            x = torch.stack([x for _, x in good]).to(opts.device, dtype)
+            mask = torch.zeros((x.shape[0],) + x.shape[2:], dtype=torch.bool, device=opts.device)
+            records = detector.extract(x, mask, list(cache.encoder_layers), cache.fingerprint["top_k"])
+            forwards += 1
+            for (i, _), record in zip(good, records):
+                info = coco.imgs[ids[i]]
+                record = record.select_levels(cache.fingerprint["levels"])
+                record.image_id, record.size = ids[i], tuple(int(s) for s in x.shape[2:])
+                record.orig_size = (int(info["height"]), int(info["width"]))
+                writer.put("write", i, record)
+            bar.update(len(good))
+    finally:
+        bar.close()
+        writer.close()  # what was computed before an error is still written (each image owns its chunks)
+    return skipped, forwards
+
+
+def decode_workers(opts: ExtractOptions) -> int:
+    """DataLoader workers that decode images: ``opts.decode_workers``, or by default none on CPU
+    (the detector already uses every core) and up to 4 on an accelerator."""
+    if opts.decode_workers is not None:
+        if opts.decode_workers < 0:
+            raise ValueError(f"--decode-workers must be >= 0, got {opts.decode_workers}")
+        return int(opts.decode_workers)
+    return 0 if torch.device(opts.device).type == "cpu" else min(4, os.cpu_count() or 1)
 
 
 def run_extract(opts: ExtractOptions) -> dict:
     """Extract every selected image into ``opts.out`` (creating or resuming the store).
 
-    Returns a summary dict: ``images``, ``done``, ``skipped``, ``seconds``, ``mb_per_image``.
+    Returns a summary dict: ``images``, ``done``, ``skipped``, ``extracted_now``, ``forwards`` (detector forward passes), ``seconds``, ``mb_per_image``.
 
     Raises:
         data.DataError: bad dataset or image (unless ``skip_bad_images``; images already
@@ -280,6 +406,8 @@ def _run_extract_locked(opts: ExtractOptions) -> dict:
     if not 1 <= opts.top_k:
         raise ValueError(f"--top-k must be >= 1, got {opts.top_k}")
     check_storage(opts.dtype, opts.keep_bits, opts.codec)  # before any compute or write
+    size_batches({}, [], opts.batch_size)  # raises on a bad --batch-size
+    decode_workers(opts)  # raises on a bad --decode-workers
     check_images_before_compute(coco, image_ids, image_dir, opts.skip_bad_images)
     detector, sha = build_frozen_detector(opts)
     if opts.top_k > detector.num_queries:
@@ -299,7 +427,7 @@ def _run_extract_locked(opts: ExtractOptions) -> dict:
              int((status == DONE).sum()), int((status == SKIPPED).sum()), len(todo))
     start = time.time()
     if opts.workers <= 1 or len(todo) <= 1:
-        skipped = _extract_indices(opts, todo, detector, coco)  # reasons already recorded
+        skipped, forwards = _extract_indices(opts, todo, detector, coco)  # reasons already recorded
     else:
         import dask
 
@@ -309,7 +437,8 @@ def _run_extract_locked(opts: ExtractOptions) -> dict:
         blocks = [todo[j : j + size] for j in range(0, len(todo), size)]
         tasks = [dask.delayed(_extract_indices)(opts, b, None, None, w) for w, b in enumerate(blocks)]
         results = dask.compute(*tasks, scheduler="processes", num_workers=n)
-        skipped = [s for r in results for s in r]
+        skipped = [s for r, _ in results for s in r]
+        forwards = sum(f for _, f in results)
         for i, reason in skipped:
             cache.mark_skipped(i, reason)
     seconds = time.time() - start
@@ -318,7 +447,7 @@ def _run_extract_locked(opts: ExtractOptions) -> dict:
     n_now = int(sum(status[i] == DONE for i in todo))
     summary = {
         "images": len(cache), "done": n_done, "skipped": int((status == SKIPPED).sum()),
-        "extracted_now": n_now, "seconds": round(seconds, 2),
+        "extracted_now": n_now, "forwards": forwards, "seconds": round(seconds, 2),
         "seconds_per_image": round(seconds / max(1, n_now), 3),
         "mb_per_image": round(cache.disk_bytes() / 1e6 / max(1, n_done), 3),
         "random_init": fingerprint["random_init"],

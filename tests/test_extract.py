@@ -245,3 +245,24 @@ def test_int8_store_with_fewer_levels_trains_a_head(tmp_path):
             "--device", "cpu", "--out", run)
     ckpt = load_checkpoint(run / "head.pt")
     assert ckpt["step"] == 2 and ckpt["config"]["head"]["num_feature_levels"] == 3
+
+
+def test_batch_of_same_size_images_equals_batch_one(tmp_path, small_caches):
+    """--batch-size 2 batches only images of identical resized size (three 640x480 val images and one
+    640x426 -> 3 forwards), and each image's values equal the batch-1 store's up to float rounding."""
+    require_coco()
+    ids = [17627, 139, 41888, 47112]  # 640x480, 640x426, 640x480, 640x480 (all in the first 10 val images)
+    out = tmp_path / "b2.zarr"
+    res = run_cli("extract", *SMALL_EXTRACT, "--coco-root", COCO_ROOT, "--split", "val2017", "--image-ids",
+                  ",".join(map(str, ids)), "--batch-size", 2, "--out", out)
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    assert summary["done"] == 4 and summary["forwards"] == 3
+    one, two = FeatureCache.open(small_caches["val"]), FeatureCache.open(out)
+    for image_id in ids:
+        a, b = one.read(one.index_of(image_id), [4, 6]), two.read(two.index_of(image_id), [4, 6])
+        assert (a.image_id, a.size, a.orig_size) == (b.image_id, b.size, b.orig_size)
+        assert torch.equal(a.query_index, b.query_index) and torch.equal(a.spatial_shapes, b.spatial_shapes)
+        for name in ("queries", "logits", "boxes", "c1"):  # float16 features: one rounding step at most
+            torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=2e-3, atol=2e-5, msg=name)
+        for k in (4, 6):
+            torch.testing.assert_close(b.encoder_tokens[k], a.encoder_tokens[k], rtol=2e-3, atol=2e-5)
