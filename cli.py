@@ -32,8 +32,9 @@ def _user_errors():
     errors = [CacheError, ConfigError, DataError, LockError, KernelUnavailableError, ValueError, FileNotFoundError]
     try:
         from pipeline.detectors.checkpoint import CheckpointError
+        from pipeline.extract import ExtractError
 
-        errors.insert(0, CheckpointError)
+        errors[:0] = [CheckpointError, ExtractError]
     except ImportError:  # pragma: no cover
         pass
     return tuple(errors)
@@ -136,7 +137,13 @@ def main(verbose):
               help="Detector compute precision.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
 @click.option("--workers", default=1, show_default=True,
-              help="Worker processes (dask); each owns whole images of the store.")
+              help="Worker processes of a dask.distributed LocalCluster (with --device cuda, worker r uses cuda:r); "
+              "work units are whole images, so no two workers touch one chunk.")
+@click.option("--unit-images", default=8, show_default=True,
+              help="Images per dask work unit (a failed unit is retried --retries times, then reported by image id).")
+@click.option("--retries", default=2, show_default=True, help="Retries of a failed dask work unit.")
+@click.option("--scheduler", default=None,
+              help="Submit to an existing dask cluster at this address (tcp://host:8786) instead; see README.")
 @click.option("--batch-size", default=1, show_default=True,
               help="Images per detector forward. Only images of identical resized size are batched (no padding), "
               "so each image's values equal a batch-1 run's up to float rounding.")

@@ -49,6 +49,11 @@ class ExtractOptions:
         batch_size: images per detector forward; only images of identical resized size are
             batched (no padding), so values do not depend on it beyond float rounding.
         decode_workers: DataLoader workers decoding images (None = 0 on CPU, up to 4 on CUDA).
+        workers: > 1 starts a dask.distributed ``LocalCluster`` of that many worker processes
+            (one thread each; with ``--device cuda`` worker ``r`` uses ``cuda:{r}``).
+        scheduler: address of an existing dask scheduler to submit to instead (``tcp://host:8786``).
+        unit_images: images per work unit (a contiguous block of store indices; each image owns
+            whole chunks, so units never share a chunk). retries: re-runs of a failed unit.
         impl: deformable-attention kernel (:data:`kernels.ops.IMPLS`); a run-time choice, not in
             the fingerprint (caches extracted with different kernels are used together).
     """
@@ -81,6 +86,9 @@ class ExtractOptions:
     impl: str = "auto"
     batch_size: int = 1
     decode_workers: int | None = None
+    scheduler: str | None = None
+    unit_images: int = 8
+    retries: int = 2
 
 
 def build_frozen_detector(opts: ExtractOptions):
@@ -266,27 +274,20 @@ class _Writer:
         self._check()
 
 
-def _extract_indices(opts: ExtractOptions, indices: list[int], detector=None, coco=None,
-                     position: int = 0) -> tuple[list[tuple[int, str]], int]:
+def _extract_indices(opts: ExtractOptions, indices: list[int], detector, coco,
+                     position: int = 0, in_main: bool = True) -> tuple[list[tuple[int, str]], int]:
     """Extract the images at store positions ``indices``; returns ``([(index, reason)] skipped,
     number of detector forwards)``.
 
-    Runs in the main process (``detector`` given) or in a dask worker process, which builds its
-    own detector and opens the store itself. Images of identical resized size are batched
+    Runs in the main process or in a dask worker process (``in_main=False``, see
+    :func:`_extract_unit`), which opens the store itself. Images of identical resized size are batched
     (``opts.batch_size``, :func:`size_batches`), decoded in ``opts.decode_workers`` DataLoader
     workers, and written by a background thread through :meth:`FeatureCache.write`. Only the
     main process writes the store's attributes (the skip reasons); a worker returns them for
     the main process to record.
     """
-    in_main = detector is not None
-    if not in_main:  # a fresh worker process: the run-time kernel choice is per process
-        kernel_ops.set_impl(opts.impl)
-    ann_file, image_dir = data.resolve_dataset(opts.coco_root, opts.split, opts.ann_file, opts.image_dir)
+    _, image_dir = data.resolve_dataset(opts.coco_root, opts.split, opts.ann_file, opts.image_dir)
     cache = FeatureCache.open(opts.out, mode="r+")
-    if detector is None:
-        detector, _ = build_frozen_detector(opts)
-    if coco is None:
-        coco = data.load_coco(ann_file, require_annotations=False)
     skipped, forwards = [], 0
     dtype = next(detector.parameters()).dtype
     ids = {i: int(cache.image_ids[i]) for i in indices}
@@ -331,6 +332,96 @@ def _extract_indices(opts: ExtractOptions, indices: list[int], detector=None, co
     finally:
         bar.close()
         writer.close()  # what was computed before an error is still written (each image owns its chunks)
+    return skipped, forwards
+
+
+class ExtractError(RuntimeError):
+    """Distributed extraction could not run or some work units failed after their retries."""
+
+
+_WORKER_DETECTORS: dict = {}  # per worker process: the built detector, reused across work units
+
+
+def _extract_unit(opts: ExtractOptions, indices: list[int], threads: int | None) -> tuple[list[tuple[int, str]], int]:
+    """One work unit on a dask worker: pin the device, reuse the process's detector, extract."""
+    import dataclasses
+
+    if threads:
+        torch.set_num_threads(threads)  # the main process's count: identical values to a single-process run
+    kernel_ops.set_impl(opts.impl)
+    device = opts.device
+    if device == "cuda":  # LocalCluster worker r -> cuda:r (names are 0..N-1); external workers: their CUDA_VISIBLE_DEVICES
+        try:
+            from distributed import get_worker
+
+            rank = int(get_worker().name)
+            device = f"cuda:{rank % max(1, torch.cuda.device_count())}"
+        except (ValueError, TypeError):
+            device = "cuda"
+    opts = dataclasses.replace(opts, device=device)
+    key = (opts.detector, opts.preset, str(opts.weights), opts.seed, opts.device, opts.precision)
+    if key not in _WORKER_DETECTORS:
+        _WORKER_DETECTORS.clear()
+        _WORKER_DETECTORS[key] = build_frozen_detector(opts)[0]
+    ann_file, _ = data.resolve_dataset(opts.coco_root, opts.split, opts.ann_file, opts.image_dir)
+    coco = data.load_coco(ann_file, require_annotations=False)
+    skipped, forwards = _extract_indices(opts, indices, _WORKER_DETECTORS[key], coco, in_main=False)
+    return skipped, forwards
+
+
+def _run_distributed(opts: ExtractOptions, todo: list[int], cache: FeatureCache) -> tuple[list[tuple[int, str]], int]:
+    """Extract ``todo`` on dask.distributed: a ``LocalCluster`` of ``opts.workers`` processes or the
+    cluster at ``opts.scheduler``. Units of ``opts.unit_images`` consecutive images; a failed unit is
+    retried ``opts.retries`` times, then its image ids are reported (what other units wrote stays done).
+
+    Raises:
+        ExtractError: the scheduler cannot be reached (names ``--scheduler``), or units failed
+            (names their image ids, the worker and the error; re-running resumes).
+    """
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if opts.scheduler is not None:
+        try:
+            client = Client(opts.scheduler, timeout="10s")
+        except (OSError, TimeoutError) as e:
+            raise ExtractError(f"--scheduler {opts.scheduler}: cannot reach the dask scheduler ({e}); start one with "
+                               "`dask scheduler` and workers with `dask worker ADDRESS --nthreads 1`") from None
+    else:
+        cluster = LocalCluster(n_workers=opts.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               resources={"GPU": 1}, silence_logs=logging.WARNING)
+        client = Client(cluster)
+    failed = []
+    skipped, forwards = [], 0
+    try:
+        threads = torch.get_num_threads() if cluster is not None else None
+        unit = max(1, int(opts.unit_images))
+        units = [todo[j : j + unit] for j in range(0, len(todo), unit)]
+        resources = {"GPU": 1} if torch.device(opts.device).type == "cuda" else None
+        futures = {client.submit(_extract_unit, opts, u, threads, key=f"extract-{u[0]}-{u[-1]}", pure=False,
+                                 retries=opts.retries, resources=resources): u for u in units}
+        bar = tqdm(total=len(todo), desc=f"extract ({len(client.scheduler_info()['workers'])} dask workers)",
+                   unit="img", dynamic_ncols=True)
+        for fut in as_completed(futures):
+            u = futures[fut]
+            try:
+                s, f = fut.result()
+                skipped += s
+                forwards += f
+            except Exception as e:  # after its retries: reported by image id below
+                who = client.who_has(fut).get(fut.key) or "a worker"
+                failed.append((u, who, e))
+            bar.update(len(u))
+        bar.close()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    if failed:
+        lines = [f"images {[int(cache.image_ids[i]) for i in u]} on {who}: {type(e).__name__}: {e}"
+                 for u, who, e in failed]
+        raise ExtractError(f"{len(failed)} work unit(s) failed after {opts.retries} retries (everything else is "
+                           "written; re-run the same command to resume):\n  " + "\n  ".join(lines))
     return skipped, forwards
 
 
@@ -426,19 +517,11 @@ def _run_extract_locked(opts: ExtractOptions) -> dict:
     log.info("%s: %d images, %d already done, %d skipped, %d to extract", opts.out, len(cache),
              int((status == DONE).sum()), int((status == SKIPPED).sum()), len(todo))
     start = time.time()
-    if opts.workers <= 1 or len(todo) <= 1:
+    if (opts.workers <= 1 and opts.scheduler is None) or not todo:
         skipped, forwards = _extract_indices(opts, todo, detector, coco)  # reasons already recorded
     else:
-        import dask
-
         del detector
-        n = opts.workers
-        size = -(-len(todo) // n)
-        blocks = [todo[j : j + size] for j in range(0, len(todo), size)]
-        tasks = [dask.delayed(_extract_indices)(opts, b, None, None, w) for w, b in enumerate(blocks)]
-        results = dask.compute(*tasks, scheduler="processes", num_workers=n)
-        skipped = [s for r, _ in results for s in r]
-        forwards = sum(f for _, f in results)
+        skipped, forwards = _run_distributed(opts, todo, cache)
         for i, reason in skipped:
             cache.mark_skipped(i, reason)
     seconds = time.time() - start

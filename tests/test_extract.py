@@ -266,3 +266,24 @@ def test_batch_of_same_size_images_equals_batch_one(tmp_path, small_caches):
             torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=2e-3, atol=2e-5, msg=name)
         for k in (4, 6):
             torch.testing.assert_close(b.encoder_tokens[k], a.encoder_tokens[k], rtol=2e-3, atol=2e-5)
+
+
+def test_local_cluster_equals_single_process_and_failed_units_are_reported(tmp_path, small_caches):
+    """A real dask.distributed LocalCluster of 2 worker processes: a unit that fails (injected ENOSPC in
+    each worker's first write) is reported by image id with --retries 0 while the rest is written; the
+    re-run resumes it and the store equals the single-process one array by array (bitwise: workers use
+    the main process's thread count). An unreachable --scheduler is a clear error."""
+    require_coco()
+    out = tmp_path / "cluster.zarr"
+    args = ["extract", *SMALL_EXTRACT, "--coco-root", COCO_ROOT, "--split", "val2017", "--max-images", 10,
+            "--workers", 2, "--unit-images", 3, "--out", out]
+    proc = run_cli(*args, "--retries", 0, env={"MFDETR_FAULT": "extract.before_write:1:enospc"}, check=False)
+    assert proc.returncode == 2 and "work unit(s) failed after 0 retries" in proc.stderr, proc.stderr
+    assert "No space left on device" in proc.stderr and "images [" in proc.stderr
+    partial = FeatureCache.open(out).status()
+    assert 0 < int((partial == DONE).sum()) < 10  # the units that did not fail are kept
+    run_cli(*args)
+    _assert_same_store(out, small_caches["val"])
+    proc = run_cli("extract", *SMALL_EXTRACT, "--coco-root", COCO_ROOT, "--split", "val2017", "--max-images", 1,
+                   "--scheduler", "tcp://127.0.0.1:9", "--out", tmp_path / "s.zarr", check=False)
+    assert proc.returncode == 2 and "--scheduler tcp://127.0.0.1:9: cannot reach the dask scheduler" in proc.stderr
