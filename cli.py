@@ -32,8 +32,9 @@ def _user_errors():
     errors = [CacheError, ConfigError, DataError, LockError, KernelUnavailableError, ValueError, FileNotFoundError]
     try:
         from pipeline.detectors.checkpoint import CheckpointError
+        from pipeline.extract import ExtractError
 
-        errors.insert(0, CheckpointError)
+        errors[:0] = [CheckpointError, ExtractError]
     except ImportError:  # pragma: no cover
         pass
     return tuple(errors)
@@ -121,13 +122,33 @@ def main(verbose):
               help="Encoder layers to store, counted from 1 (6 = the memory the decoder reads); comma-separated.")
 @click.option("--top-k", default=100, show_default=True,
               help="Queries kept per image, by best class score (<= the detector's queries: 900 DINO, 300 H-DETR).")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16",
-              show_default=True, help="Stored feature dtype.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32", "int8"]), default="float16",
+              show_default=True, help="Stored feature dtype; int8 = per-row scales, about half of float16 "
+              "(README: Cache size), read back as float32.")
+@click.option("--keep-bits", type=int, default=None,
+              help="Lossy: keep N mantissa bits of float16 (1..10) / float32 (1..23) features (numcodecs BitRound).")
+@click.option("--codec", default="auto", show_default=True,
+              help="Blosc codec of the feature arrays: auto (measured per array) or zstd-bitshuffle, zstd-shuffle, "
+              "zstd-noshuffle, lz4-bitshuffle, lz4-shuffle, lz4-noshuffle.")
+@click.option("--levels", callback=_int_list, default=None,
+              help="Encoder levels to store, comma-separated indices (0 = finest; default all). A head trained on "
+              "such a cache uses these levels only.")
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
               help="Detector compute precision.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
 @click.option("--workers", default=1, show_default=True,
-              help="Worker processes (dask); each owns whole images of the store.")
+              help="Worker processes of a dask.distributed LocalCluster (with --device cuda, worker r uses cuda:r); "
+              "work units are whole images, so no two workers touch one chunk.")
+@click.option("--unit-images", default=8, show_default=True,
+              help="Images per dask work unit (a failed unit is retried --retries times, then reported by image id).")
+@click.option("--retries", default=2, show_default=True, help="Retries of a failed dask work unit.")
+@click.option("--scheduler", default=None,
+              help="Submit to an existing dask cluster at this address (tcp://host:8786) instead; see README.")
+@click.option("--batch-size", default=1, show_default=True,
+              help="Images per detector forward. Only images of identical resized size are batched (no padding), "
+              "so each image's values equal a batch-1 run's up to float rounding.")
+@click.option("--decode-workers", type=int, default=None,
+              help="DataLoader workers decoding images (default: 0 on CPU, up to 4 on CUDA).")
 @click.option("--skip-bad-images", is_flag=True,
               help="Record unreadable images in the store's skipped list and go on (default: stop with an error).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out instead of resuming it.")
@@ -147,6 +168,45 @@ def extract(**kw):
     if summary["random_init"]:
         click.echo("WARNING: random-init detector: the cache only serves to test the pipeline.", err=True)
     click.echo(json.dumps(summary, indent=1))
+
+
+# -------------------------------------------------------------------------------- cache-info
+@main.command("cache-info")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
+@friendly_errors
+def cache_info(store, as_json):
+    """What a feature cache holds: settings, counts, bytes on disk per array and per image.
+
+    Counts: done, pending (not yet or partly written: re-run extract), skipped (with the reason).
+    Per array: dtype, codecs, bytes on disk, uncompressed bytes of the rows images use, and the
+    compression ratio between the two.
+    """
+    from pipeline.cache import FeatureCache
+
+    info = FeatureCache.open(store).info()
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    st = info["storage"]
+    click.echo(f"{info['path']}  (format {info['format_version']})")
+    click.echo(f"detector {info['detector']}  checkpoint {info['checkpoint_sha256']}"
+               + ("  RANDOM-INIT" if info["random_init"] else ""))
+    pre = info["preprocessing"] or {}
+    click.echo(f"preprocessing {pre.get('min_size')}/{pre.get('max_size')}  top_k {st['top_k']}  "
+               f"encoder layers {st['encoder_layers']}  levels {st['levels']}  widths {st['feature_widths']}")
+    click.echo(f"dtype {st['dtype']}  keep_bits {st['keep_bits']}  codec {st['codec']}")
+    click.echo(f"images {info['images']}: done {info['done']}, pending {info['pending']}, "
+               f"skipped {len(info['skipped'])}")
+    for image_id, reason in info["skipped"].items():
+        click.echo(f"  skipped {image_id}: {reason}")
+    click.echo(f"\n{'array':<24s} {'dtype':<8s} {'codecs':<28s} {'on disk MB':>11s} {'data MB':>9s} {'ratio':>6s}")
+    for name, a in info["arrays"].items():
+        ratio = f"{a['ratio']:6.2f}" if a["ratio"] is not None else "     -"
+        click.echo(f"{name:<24s} {a['dtype']:<8s} {', '.join(a['codecs']) or '-':<28s} "
+                   f"{a['stored_bytes'] / 1e6:11.3f} {a['data_bytes'] / 1e6:9.3f} {ratio}")
+    per = f"{info['mb_per_done_image']:.3f} MB per done image" if info["mb_per_done_image"] is not None else "no image done"
+    click.echo(f"\ntotal on disk {info['disk_bytes'] / 1e6:.3f} MB, {per}, compression ratio {info['ratio']}")
 
 
 # ----------------------------------------------------------------------------- check-weights
@@ -298,8 +358,8 @@ def params(config_path, overrides, widths_of):
 @click.option("--min-size", default=800, show_default=True, help="Image size the cache estimate assumes: shorter side.")
 @click.option("--max-size", default=1333, show_default=True, help="... and longer side (the largest default input).")
 @click.option("--top-k", default=100, show_default=True, help="Queries per image in the cache estimate.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True,
-              help="Feature dtype of the cache estimate (as extract --dtype).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32", "int8"]), default="float16",
+              show_default=True, help="Feature dtype of the cache estimate (as extract --dtype).")
 @click.option("--all", "show_all", is_flag=True, help="Also list the reduced test presets.")
 def detectors(min_size, max_size, top_k, dtype, show_all):
     """List the supported detectors: presets, checkpoint files, box AP, head widths and cache size per image.

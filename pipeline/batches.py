@@ -1,7 +1,7 @@
 """Cached images as training / inference samples (stage two's only input).
 
-A sample is what :meth:`pipeline.cache.FeatureCache.read` returns plus, for training, the
-ground truth of that image read from the annotation file the cache was extracted from.
+A sample is the :class:`~pipeline.record.SampleRecord` that :meth:`pipeline.cache.FeatureCache.read`
+returns with, for training, its ``gt`` set to the ground truth of that image read from the annotation file the cache was extracted from.
 The detector is never built here: stage two knows only cached tensors and annotations.
 """
 
@@ -17,6 +17,7 @@ from torchvision.ops import box_convert
 
 from . import data
 from .cache import CacheError, FeatureCache
+from .record import SampleRecord
 from .utils import file_sha256
 
 
@@ -71,8 +72,8 @@ class CachedImages(Dataset):
     Each worker process opens the store (and the annotation file) itself on first use, so the
     dataset can be pickled into spawned DataLoader workers.
 
-    Item ``n`` is the dict of :meth:`FeatureCache.read` for store index ``indices[n]``; with
-    ``with_gt`` it also has ``gt``: ``boxes_cxcywh [G, 4]`` normalized, ``boxes_xyxy [G, 4]``
+    Item ``n`` is the :class:`~pipeline.record.SampleRecord` of :meth:`FeatureCache.read` for
+    store index ``indices[n]`` (encoder layer ``encoder_layer`` only); with ``with_gt`` its ``gt`` is ``boxes_cxcywh [G, 4]`` normalized, ``boxes_xyxy [G, 4]``
     original pixels, ``category_ids [G]`` int64, ``masks [G, H, W]`` uint8 (original size) —
     non-crowd objects only, as DETR trains.
     """
@@ -92,12 +93,12 @@ class CachedImages(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, n: int) -> dict:
+    def __getitem__(self, n: int) -> SampleRecord:
         self._open()
-        item = self._cache.read(self.indices[n], self.encoder_layer)
+        record = self._cache.read(self.indices[n], self.encoder_layer)
         if self.with_gt:
-            item["gt"] = ground_truth(self._coco, item["image_id"])
-        return item
+            record.gt = ground_truth(self._coco, record.image_id)
+        return record
 
 
 def ground_truth(coco, image_id: int) -> dict:
@@ -118,7 +119,7 @@ def ground_truth(coco, image_id: int) -> dict:
     }
 
 
-def collate_list(items: list[dict]) -> list[dict]:
+def collate_list(items: list[SampleRecord]) -> list[SampleRecord]:
     """Samples stay a list: images have different sizes and numbers of objects."""
     return items
 
@@ -147,11 +148,12 @@ def to_xyxy_pixels(boxes_cxcywh: torch.Tensor, height: float, width: float) -> t
     return box_convert(boxes_cxcywh, "cxcywh", "xyxy") * scale
 
 
-def image_features(head, items: list[dict], device, dtype=torch.float32) -> list:
-    """Run the head's image-feature part on each cached image: one ``ImageFeatures`` per image
-    (``pipeline.head.model.ImageFeatures``: F = Neck(C1) + interpolate(E) as its two terms)."""
+def image_features(head, items: list[SampleRecord], device, dtype=torch.float32) -> list:
+    """Run the head's image-feature part on each cached image (records holding one encoder layer):
+    one ``ImageFeatures`` per image (``pipeline.head.model.ImageFeatures``: F = Neck(C1) +
+    interpolate(E) kept as its two terms)."""
     feats = []
     for it in items:
-        feats.append(head.encode_image(it["tokens"].to(device, dtype), it["spatial_shapes"].to(device),
-                                       it["level_start_index"].to(device), it["c1"].to(device, dtype)))
+        feats.append(head.encode_image(it.tokens.to(device, dtype), it.spatial_shapes.to(device),
+                                       it.level_start_index.to(device), it.c1.to(device, dtype)))
     return feats

@@ -12,6 +12,7 @@ Layout (``N`` images, ``K`` queries, ``D`` hidden dim, ``C`` logits, ``L`` level
     done            [N]        uint8   0 = pending/partial, 1 = done, 2 = skipped (bad image);
                                        chunk of one image, written LAST for that image
     queries         [N, K, D]  feature dtype   last decoder layer, top-K by best class score
+    queries_scale   [N, K]     float16 (int8 stores only) per-row dequantisation scale
     logits          [N, K, C]  float32 class logits (column = detector class index)
     boxes           [N, K, 4]  float32 cxcywh normalized to the image
     query_index     [N, K]     int32   index among the detector's queries
@@ -19,9 +20,12 @@ Layout (``N`` images, ``K`` queries, ``D`` hidden dim, ``C`` logits, ``L`` level
     valid_ratios    [N, L, 2]  float32 as the detector computed them, (w, h)
     token_offset    [N + 1]    int64   row range of image i in the encoder arrays
     encoder/layer_<k> [T, D]   feature dtype   flattened multi-scale tokens after encoder layer k
+                                       (only the detector levels listed in fingerprint ``levels``)
+    encoder/layer_<k>_scale [T] float16 (int8 stores only) per-token-row scale
     c1_shape        [N, 2]     int32   (H1, W1)
     c1_offset       [N + 1]    int64   row range of image i in ``c1``
     c1              [P, C1]    feature dtype   stride-4 backbone map, pixels row-major (y, x)
+    c1_scale        [P]        float16 (int8 stores only) per-pixel-row scale
 
 Ragged maps are flat with per-image offsets. Every image's rows start on a chunk boundary, so
 each image owns whole chunks: writers of different images never touch the same chunk (zarr
@@ -30,6 +34,15 @@ rewritten on resume. Rows past an image's end inside its last chunk are never wr
 from that chunk's fill value, so the slack costs (almost) nothing after compression.
 
 bfloat16 has no numpy dtype: it is stored as its raw 16 bits (``uint16``) and viewed back.
+
+Feature dtypes (fingerprint ``dtype``): ``float16``/``bfloat16``/``float32`` are read back in
+that dtype; ``int8`` is symmetric per-row quantisation (each token row, query row and C1
+pixel row has its own float16 scale ``max|x| / 127``, relative RMS error ~0.5 % on
+encoder-like features) and is dequantised to float32 on read. Fingerprint ``keep_bits``
+(float16/float32 only) rounds the mantissa to that many bits with numcodecs ``BitRound``
+before compression (lossy). The Blosc codec of each array (fingerprint ``codec``) is a
+choice of :data:`CODECS`; ``auto`` takes :data:`AUTO_CODECS`, chosen by
+``benchmarks/cache_size.py``.
 """
 
 from __future__ import annotations
@@ -37,26 +50,49 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BitRound, BloscCodec
 
 from .faults import fault_point
+from .record import SampleRecord
 
 FORMAT = "mask-frozen-detr-cache"
 FORMAT_VERSION = 1
-FEATURE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+#: Stored feature dtype -> the torch dtype ``read`` returns (int8 is dequantised to float32).
+FEATURE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                  "int8": torch.float32}
+#: Mantissa bits of the dtypes ``keep_bits`` (numcodecs BitRound) applies to.
+MANTISSA_BITS = {"float16": 10, "float32": 23}
+#: Blosc codecs a store may use per array: name -> (cname, shuffle).
+CODECS = {"zstd-bitshuffle": ("zstd", "bitshuffle"), "zstd-shuffle": ("zstd", "shuffle"),
+          "zstd-noshuffle": ("zstd", "noshuffle"), "lz4-bitshuffle": ("lz4", "bitshuffle"),
+          "lz4-shuffle": ("lz4", "shuffle"), "lz4-noshuffle": ("lz4", "noshuffle")}
+#: ``codec="auto"``: (stored dtype, array kind) -> codec, from ``benchmarks/cache_size.py`` (README
+#: "Cache size"). Kinds: ``tokens`` (encoder layers), ``c1``, ``queries``, ``scale``, ``other``.
+#: Measured (random-init golden-small features, val2017): float16 compresses best bit-shuffled
+#: (1.11-1.16x), int8 best unshuffled (1.04-1.06x; bit-shuffling int8 gains ~0.5 %), the float16
+#: scales best byte-shuffled (1.6x).
+AUTO_CODECS = {("int8", "tokens"): "zstd-noshuffle", ("int8", "c1"): "zstd-noshuffle",
+               ("int8", "queries"): "zstd-noshuffle", ("int8", "scale"): "zstd-shuffle"}
+DEFAULT_CODEC = "zstd-bitshuffle"
+
+# ``keep_bits`` stores use numcodecs' BitRound, which zarr flags on every open as outside the zarr
+# v3 spec (readable by zarr-python + numcodecs; the README says so): not worth a warning per read.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
+
 DONE, PENDING, SKIPPED = 1, 0, 2
 
 # Fields of the fingerprint that must agree for two caches to be used together (train/val,
 # or a head trained on one cache applied to another).
 COMPATIBILITY_KEYS = ("detector", "detector_config", "checkpoint_sha256", "preprocessing",
-                      "encoder_layers", "top_k")
+                      "encoder_layers", "top_k", "levels")
 
 
 #: Printed above every table and stored in metrics files of a cache whose fingerprint says
@@ -69,45 +105,113 @@ class CacheError(ValueError):
 
 
 def bytes_per_image(*, top_k: int, hidden_dim: int, num_classes: int, num_levels: int, num_tokens: int,
-                    c1_numel: int, num_encoder_layers: int, dtype: str = "float16") -> int:
+                    c1_numel: int, num_encoder_layers: int, dtype: str = "float16", c1_channels: int | None = None) -> int:
     """Uncompressed bytes one image occupies in the store (the layout above; before Blosc).
 
     Args:
-        top_k: K queries; hidden_dim: D; num_classes: C; num_levels: L.
-        num_tokens: S, encoder tokens of the image over all levels; c1_numel: ``C1 * H1 * W1``.
+        top_k: K queries; hidden_dim: D; num_classes: C; num_levels: L (stored levels).
+        num_tokens: S, encoder tokens of the image over the stored levels; c1_numel: ``C1 * H1 * W1``.
         num_encoder_layers: stored encoder layers; dtype: feature dtype (a key of ``FEATURE_DTYPES``).
+        c1_channels: C1, needed for ``int8`` (one float16 scale per pixel row of C1).
 
     Raises:
-        ValueError: unknown dtype.
+        ValueError: unknown dtype, or ``int8`` without ``c1_channels``.
     """
-    if dtype not in FEATURE_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(FEATURE_DTYPES)}, got {dtype!r}")
-    feature = torch.finfo(FEATURE_DTYPES[dtype]).bits // 8
-    features = (top_k * hidden_dim + num_encoder_layers * num_tokens * hidden_dim + c1_numel) * feature
+    check_dtype(dtype, ValueError)
+    if dtype == "int8":
+        if not c1_channels:
+            raise ValueError("bytes_per_image: int8 needs c1_channels (one scale per C1 pixel row)")
+        rows = top_k + num_encoder_layers * num_tokens + c1_numel // c1_channels
+        features = top_k * hidden_dim + num_encoder_layers * num_tokens * hidden_dim + c1_numel + 2 * rows
+    else:
+        feature = torch.finfo(FEATURE_DTYPES[dtype]).bits // 8
+        features = (top_k * hidden_dim + num_encoder_layers * num_tokens * hidden_dim + c1_numel) * feature
     fixed = top_k * num_classes * 4 + top_k * 4 * 4 + top_k * 4 + num_levels * 2 * (4 + 4) \
         + 8 + 2 * 2 * 4 + 1 + 2 * 4 + 2 * 8  # logits, boxes, query_index, shapes/ratios, ids, sizes, done, offsets
     return features + fixed
 
 
-def _compressor() -> BloscCodec:
-    # numcodecs' Blosc (zstd, bit-shuffle) through zarr's spec-conformant codec.
-    return BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+def check_dtype(dtype: str, error=None) -> None:
+    """Raise ``error`` (default :class:`CacheError`) naming ``--dtype`` unless ``dtype`` is a key of FEATURE_DTYPES."""
+    if dtype not in FEATURE_DTYPES:
+        raise (error or CacheError)(f"--dtype must be one of {sorted(FEATURE_DTYPES)}, got {dtype!r}")
+
+
+def check_storage(dtype: str, keep_bits: int | None, codec: str) -> None:
+    """Validate a store's feature dtype, ``keep_bits`` and codec choice.
+
+    Raises:
+        CacheError: unknown dtype or codec, or ``keep_bits`` outside ``1..mantissa bits`` or
+            given for a dtype BitRound does not apply to (bfloat16, int8); the message names the flag.
+    """
+    check_dtype(dtype)
+    if codec != "auto" and codec not in CODECS:
+        raise CacheError(f"--codec must be 'auto' or one of {sorted(CODECS)}, got {codec!r}")
+    if keep_bits is not None:
+        if dtype not in MANTISSA_BITS:
+            raise CacheError(f"--keep-bits applies to float16/float32 features (numcodecs BitRound), not {dtype}")
+        if not 1 <= int(keep_bits) <= MANTISSA_BITS[dtype]:
+            raise CacheError(f"--keep-bits must be in 1..{MANTISSA_BITS[dtype]} for {dtype}, got {keep_bits}")
+
+
+def codec_of(dtype: str, kind: str, codec: str = "auto") -> str:
+    """The :data:`CODECS` name an array of ``kind`` (tokens, c1, queries, scale, other) uses."""
+    if codec != "auto":
+        return codec
+    return AUTO_CODECS.get((dtype, kind), DEFAULT_CODEC)
+
+
+def _compressor(name: str = DEFAULT_CODEC) -> BloscCodec:
+    # numcodecs' Blosc through zarr's spec-conformant codec.
+    cname, shuffle = CODECS[name]
+    return BloscCodec(cname=cname, clevel=3, shuffle=shuffle)
 
 
 def _storage_dtype(dtype: str) -> str:
-    if dtype not in FEATURE_DTYPES:
-        raise CacheError(f"dtype must be one of {sorted(FEATURE_DTYPES)}, got {dtype!r}")
-    return "uint16" if dtype == "bfloat16" else dtype
+    check_dtype(dtype)
+    return {"bfloat16": "uint16"}.get(dtype, dtype)
 
 
-def _to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
+def quantize_int8(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantisation with one float16 scale per slice along ``dim``'s complement.
+
+    ``scale = max|x| / 127`` over ``dim`` (rounded to float16), ``q = round(x / scale)`` clamped
+    to [-127, 127]; an all-zero slice gets scale 0 and q 0. Error per element <= scale / 2.
+
+    Args:
+        x: ``[R, C]`` float tensor (any float dtype, any device).
+        dim: the dimension reduced for the scale: -1 = one scale per row (``[R]``), 0 = one per
+            column (``[C]``).
+
+    Returns:
+        ``(q [R, C] int8, scale float16 [R] or [C])`` on CPU.
+    """
+    x = x.detach().to("cpu", torch.float32)
+    scale = (x.abs().amax(dim=dim, keepdim=True) / 127).to(torch.float16)
+    s = scale.float()
+    q = torch.where(s > 0, x / torch.where(s > 0, s, 1), 0).round().clamp_(-127, 127).to(torch.int8)
+    return q, scale.squeeze(dim)
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Inverse of :func:`quantize_int8`: ``q * scale`` as float32, ``[R, C]``."""
+    return q.to(torch.float32) * scale.to(torch.float32).unsqueeze(dim)
+
+
+def _to_storage(t: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """``[R, C]`` features -> (stored array, per-row float16 scale for int8 else None)."""
+    if dtype == "int8":
+        q, scale = quantize_int8(t)
+        return q.numpy(), scale.numpy()
     t = t.detach().to("cpu", FEATURE_DTYPES[dtype]).contiguous()
     if dtype == "bfloat16":
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
+        return t.view(torch.int16).numpy().view(np.uint16), None
+    return t.numpy(), None
 
 
-def _from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
+def _from_storage(a: np.ndarray, dtype: str, scale: np.ndarray | None = None) -> torch.Tensor:
+    if dtype == "int8":
+        return dequantize_int8(torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(np.ascontiguousarray(scale)))
     if dtype == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(a))
@@ -171,6 +275,9 @@ class FeatureCache:
             )
         self.fingerprint: dict = attrs["fingerprint"]
         self.dtype: str = self.fingerprint["dtype"]
+        self.keep_bits: int | None = self.fingerprint.get("keep_bits")
+        self.codec: str = self.fingerprint.get("codec", "auto")
+        check_dtype(self.dtype)
         self.encoder_layers: list[int] = list(self.fingerprint["encoder_layers"])
         self.image_ids: np.ndarray = group["image_ids"][:]
         self._index = {int(i): n for n, i in enumerate(self.image_ids)}
@@ -235,17 +342,21 @@ class FeatureCache:
 
         Args:
             fingerprint: JSON-serialisable dict; must contain ``dtype`` (a key of
-                ``FEATURE_DTYPES``) and ``encoder_layers`` (list of int), and should contain
-                every field of ``COMPATIBILITY_KEYS``.
+                ``FEATURE_DTYPES``) and ``encoder_layers`` (list of int), may contain
+                ``keep_bits`` (int or None) and ``codec`` (``auto`` or a key of :data:`CODECS`),
+                and should contain every field of ``COMPATIBILITY_KEYS``.
             layouts: one :class:`ImageLayout` per image, in store order.
             overwrite: delete an existing store at ``path`` instead of resuming it.
 
         Raises:
             CacheError: an existing store at ``path`` has another fingerprint or other images
-                (the message says what differs and suggests ``--overwrite``).
+                (the message says what differs and suggests ``--overwrite``); an invalid
+                dtype/codec/keep_bits (before anything is written).
         """
         path = Path(path)
         dtype = fingerprint["dtype"]
+        keep_bits, codec = fingerprint.get("keep_bits"), fingerprint.get("codec", "auto")
+        check_storage(dtype, keep_bits, codec)
         sdtype = _storage_dtype(dtype)
         image_ids = np.asarray([l.image_id for l in layouts], dtype=np.int64)
         if (path / "zarr.json").exists() and not overwrite:
@@ -277,7 +388,15 @@ class FeatureCache:
         c1_rows = [l.c1_shape[0] * l.c1_shape[1] for l in layouts]
         token_offset = _aligned_offsets(tok_rows, token_chunk_rows)
         c1_offset = _aligned_offsets(c1_rows, c1_chunk_rows)
-        comp = _compressor()
+        comp = _compressor(codec_of(dtype, "other", codec))
+
+        def feature_array(parent, name, shape, chunks, kind):
+            filters = [BitRound(keepbits=int(keep_bits))] if keep_bits is not None else None
+            parent.create_array(name, shape=shape, chunks=chunks, dtype=sdtype, filters=filters,
+                                compressors=_compressor(codec_of(dtype, kind, codec)), fill_value=0)
+            if dtype == "int8":
+                parent.create_array(f"{name}_scale", shape=shape[:-1], chunks=chunks[:-1], dtype="float16",
+                                    compressors=_compressor(codec_of(dtype, "scale", codec)), fill_value=0)
 
         def small(name, data):
             arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape or (1,),
@@ -293,18 +412,16 @@ class FeatureCache:
         small("c1_offset", c1_offset)
         group.create_array("done", shape=(n,), chunks=(1,), dtype="uint8", fill_value=PENDING, compressors=None)
         per_image = dict(
-            queries=((n, top_k, hidden_dim), sdtype), logits=((n, top_k, num_classes), "float32"),
-            boxes=((n, top_k, 4), "float32"), query_index=((n, top_k), "int32"),
-            valid_ratios=((n, num_levels, 2), "float32"),
+            logits=((n, top_k, num_classes), "float32"), boxes=((n, top_k, 4), "float32"),
+            query_index=((n, top_k), "int32"), valid_ratios=((n, num_levels, 2), "float32"),
         )
         for name, (shape, dt) in per_image.items():
             group.create_array(name, shape=shape, chunks=(1,) + shape[1:], dtype=dt, compressors=comp, fill_value=0)
+        feature_array(group, "queries", (n, top_k, hidden_dim), (1, top_k, hidden_dim), "queries")
         enc = group.create_group("encoder")
         for k in fingerprint["encoder_layers"]:
-            enc.create_array(f"layer_{k}", shape=(int(token_offset[-1]), hidden_dim),
-                             chunks=(token_chunk_rows, hidden_dim), dtype=sdtype, compressors=comp, fill_value=0)
-        group.create_array("c1", shape=(int(c1_offset[-1]), c1_channels), chunks=(c1_chunk_rows, c1_channels),
-                           dtype=sdtype, compressors=comp, fill_value=0)
+            feature_array(enc, f"layer_{k}", (int(token_offset[-1]), hidden_dim), (token_chunk_rows, hidden_dim), "tokens")
+        feature_array(group, "c1", (int(c1_offset[-1]), c1_channels), (c1_chunk_rows, c1_channels), "c1")
         # attrs last: a store without them is not a cache and will be recreated.
         fault_point("cache.create", partial)
         group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION,
@@ -328,6 +445,10 @@ class FeatureCache:
         """``[N]`` uint8: 0 pending/partial, 1 done, 2 skipped."""
         return self.group["done"][:]
 
+    def sizes(self, indices: Iterable[int]) -> dict[int, tuple[int, int]]:
+        """``{index: (h, w)}`` resized image size in pixels (from the layout) of the given indices."""
+        return {int(i): (int(self._size[i][0]), int(self._size[i][1])) for i in indices}
+
     def done_indices(self) -> list[int]:
         """Indices of completely written images."""
         return [int(i) for i in np.flatnonzero(self.status() == DONE)]
@@ -338,48 +459,66 @@ class FeatureCache:
         return dict(self.group.attrs.get("skipped", {}))
 
     # ------------------------------------------------------------------ writing
-    def write(self, i: int, *, queries, logits, boxes, query_index, encoder_tokens: dict[int, torch.Tensor],
-              spatial_shapes, valid_ratios, c1: torch.Tensor) -> None:
-        """Write every array of image ``i``, then set its ``done`` flag (last).
+    def write(self, i: int, record: SampleRecord) -> None:
+        """Write every array of image ``i`` from its record, then set its ``done`` flag (last).
 
         Args:
-            queries ``[K, D]``, logits ``[K, C]``, boxes ``[K, 4]`` cxcywh normalized,
-            query_index ``[K]``, encoder_tokens ``{layer: [S, D]}``, spatial_shapes ``[L, 2]``,
-            valid_ratios ``[L, 2]``, c1 ``[C1, H1, W1]``: the fields of
-            :class:`pipeline.detectors.base.Extracted`.
+            i: store index (0..N-1).
+            record: the detector's :class:`~pipeline.record.SampleRecord` of that image (its
+                ``image_id``/``size``, when set, must be the layout's; ``extras`` are not stored).
 
         Raises:
-            CacheError: shapes disagree with the layout the store was created with (the
-                message names the field); nothing of image ``i`` is marked done then.
+            CacheError: the record disagrees with the layout the store was created with (image
+                id, size, spatial_shapes, c1 or token counts, encoder layers; the message names
+                the field); nothing of image ``i`` is marked done then.
         """
-        g, dt = self.group, self.dtype
+        g = self.group
+        image_id = int(self.image_ids[i])
+        if record.image_id is not None and int(record.image_id) != image_id:
+            raise CacheError(f"{self.path}: record of image {record.image_id} written at index {i}, which holds image {image_id}")
+        if record.size is not None and tuple(int(x) for x in record.size) != tuple(int(x) for x in self._size[i]):
+            raise CacheError(f"image {image_id}: size {tuple(record.size)} differs from the layout {tuple(self._size[i].tolist())}")
         exp_shapes = self._spatial_shapes[i]
-        got_shapes = np.asarray(torch.as_tensor(spatial_shapes).tolist(), dtype=np.int32)
+        got_shapes = np.asarray(torch.as_tensor(record.spatial_shapes).tolist(), dtype=np.int32)
         if got_shapes.shape != exp_shapes.shape or not np.array_equal(got_shapes, exp_shapes):
-            raise CacheError(f"image {self.image_ids[i]}: spatial_shapes {got_shapes.tolist()} differ from the "
+            raise CacheError(f"image {image_id}: spatial_shapes {got_shapes.tolist()} differ from the "
                              f"layout {exp_shapes.tolist()} computed before extraction")
+        c1 = record.c1
         h1, w1 = (int(x) for x in self._c1_shape[i])
         if tuple(c1.shape[1:]) != (h1, w1):
-            raise CacheError(f"image {self.image_ids[i]}: c1 has shape {tuple(c1.shape)}, layout expects [*, {h1}, {w1}]")
-        if set(encoder_tokens) != set(self.encoder_layers):
-            raise CacheError(f"image {self.image_ids[i]}: encoder layers {sorted(encoder_tokens)} != cache's {self.encoder_layers}")
+            raise CacheError(f"image {image_id}: c1 has shape {tuple(c1.shape)}, layout expects [*, {h1}, {w1}]")
+        if set(record.encoder_tokens) != set(self.encoder_layers):
+            raise CacheError(f"image {image_id}: encoder layers {sorted(record.encoder_tokens)} != cache's {self.encoder_layers}")
         t0, c0 = int(self._token_offset[i]), int(self._c1_offset[i])
         n_tok = int((exp_shapes[:, 0] * exp_shapes[:, 1]).sum())
-        g["done"][i] = PENDING
-        g["queries"][i] = _to_storage(queries, dt)
-        g["logits"][i] = logits.detach().to("cpu", torch.float32).numpy()
-        g["boxes"][i] = boxes.detach().to("cpu", torch.float32).numpy()
-        g["query_index"][i] = query_index.detach().to("cpu", torch.int32).numpy()
-        g["valid_ratios"][i] = torch.as_tensor(valid_ratios).detach().to("cpu", torch.float32).numpy()
-        fault_point("cache.between_arrays", self.path)
-        for k, tokens in encoder_tokens.items():
+        for k, tokens in record.encoder_tokens.items():
             if tokens.shape[0] != n_tok:
-                raise CacheError(f"image {self.image_ids[i]}: encoder layer {k} has {tokens.shape[0]} tokens, "
+                raise CacheError(f"image {image_id}: encoder layer {k} has {tokens.shape[0]} tokens, "
                                  f"spatial_shapes give {n_tok}")
-            g[f"encoder/layer_{k}"][t0 : t0 + n_tok] = _to_storage(tokens, dt)
-        g["c1"][c0 : c0 + h1 * w1] = _to_storage(c1.flatten(1).transpose(0, 1), dt)
+        g["done"][i] = PENDING
+        self._put("queries", i, record.queries)
+        g["logits"][i] = record.logits.detach().to("cpu", torch.float32).numpy()
+        g["boxes"][i] = record.boxes.detach().to("cpu", torch.float32).numpy()
+        g["query_index"][i] = record.query_index.detach().to("cpu", torch.int32).numpy()
+        g["valid_ratios"][i] = torch.as_tensor(record.valid_ratios).detach().to("cpu", torch.float32).numpy()
+        fault_point("cache.between_arrays", self.path)
+        for k, tokens in record.encoder_tokens.items():
+            self._put(f"encoder/layer_{k}", slice(t0, t0 + n_tok), tokens)
+        self._put("c1", slice(c0, c0 + h1 * w1), c1.flatten(1).transpose(0, 1))
         fault_point("cache.before_done", self.path)
         g["done"][i] = DONE
+
+    def _put(self, name: str, where, rows: torch.Tensor) -> None:
+        """Store ``[R, C]`` feature rows at ``where`` of array ``name`` (and their int8 scales)."""
+        data, scale = _to_storage(rows, self.dtype)
+        self.group[name][where] = data
+        if scale is not None:
+            self.group[f"{name}_scale"][where] = scale
+
+    def _get(self, name: str, where) -> torch.Tensor:
+        """Feature rows at ``where`` of array ``name`` in the read dtype (int8 dequantised)."""
+        scale = self.group[f"{name}_scale"][where] if self.dtype == "int8" else None
+        return _from_storage(self.group[name][where], self.dtype, scale)
 
     def mark_skipped(self, i: int, reason: str) -> None:
         """Flag image ``i`` as skipped (bad input) and record why in the store's attrs."""
@@ -390,43 +529,108 @@ class FeatureCache:
         self.group["done"][i] = SKIPPED
 
     # ------------------------------------------------------------------ reading
-    def read(self, i: int, encoder_layer: int | None = None) -> dict[str, Any]:
-        """Everything stored for image ``i`` as tensors (features in the cache dtype).
+    def read(self, i: int, encoder_layer: int | Iterable[int] | None = None) -> SampleRecord:
+        """Everything stored for image ``i`` as a :class:`~pipeline.record.SampleRecord`.
 
-        Returns a dict: ``image_id`` int, ``orig_size``/``size`` ``(h, w)`` ints,
-        ``queries [K, D]``, ``logits [K, C]`` float32, ``boxes [K, 4]`` float32 cxcywh
-        normalized, ``query_index [K]`` int64, ``spatial_shapes [L, 2]`` int64,
-        ``level_start_index [L]`` int64, ``valid_ratios [L, 2]``, ``tokens [S, D]`` (of
-        ``encoder_layer``, default the first stored layer), ``c1 [C1, H1, W1]``.
+        Features (``queries [K, D]``, ``encoder_tokens {layer: [S, D]}``, ``c1 [C1, H1, W1]``)
+        come in the cache dtype (``FEATURE_DTYPES[dtype]``: int8 is dequantised to float32); ``logits [K, C]`` and ``boxes [K, 4]`` (cxcywh normalized) are
+        float32, ``query_index [K]``, ``spatial_shapes [L, 2]`` and ``level_start_index [L]``
+        int64, ``valid_ratios [L, 2]`` float32; ``image_id``, ``orig_size`` and ``size``
+        (``(h, w)`` pixels) are set.
+
+        Args:
+            encoder_layer: the stored encoder layer(s) to read (default: the first stored one).
 
         Raises:
-            CacheError: image ``i`` is not completely written, or the layer is not stored.
+            CacheError: image ``i`` is not completely written, or a layer is not stored.
         """
-        g, dt = self.group, self.dtype
+        g = self.group
         if int(g["done"][i]) != DONE:
             raise CacheError(f"{self.path}: image {int(self.image_ids[i])} is not completely extracted "
                              f"(status {int(g['done'][i])}); re-run extract to finish it")
-        layer = self.encoder_layers[0] if encoder_layer is None else int(encoder_layer)
-        if layer not in self.encoder_layers:
-            raise CacheError(f"{self.path}: encoder layer {layer} not stored (have {self.encoder_layers})")
+        if encoder_layer is None:
+            layers = [self.encoder_layers[0]]
+        elif isinstance(encoder_layer, (int, np.integer)):
+            layers = [int(encoder_layer)]
+        else:
+            layers = [int(k) for k in encoder_layer]
+        missing = [k for k in layers if k not in self.encoder_layers]
+        if missing:
+            raise CacheError(f"{self.path}: encoder layer(s) {missing} not stored (have {self.encoder_layers})")
         shapes = torch.from_numpy(self._spatial_shapes[i].astype(np.int64))
         sizes = shapes[:, 0] * shapes[:, 1]
         t0, c0 = int(self._token_offset[i]), int(self._c1_offset[i])
+        t1 = t0 + int(sizes.sum())
         h1, w1 = (int(x) for x in self._c1_shape[i])
-        c1 = _from_storage(g["c1"][c0 : c0 + h1 * w1], dt)
+        c1 = self._get("c1", slice(c0, c0 + h1 * w1))
+        return SampleRecord(
+            queries=self._get("queries", i),
+            logits=torch.from_numpy(g["logits"][i]),
+            boxes=torch.from_numpy(g["boxes"][i]),
+            query_index=torch.from_numpy(g["query_index"][i].astype(np.int64)),
+            encoder_tokens={k: self._get(f"encoder/layer_{k}", slice(t0, t1)) for k in layers},
+            spatial_shapes=shapes,
+            level_start_index=torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1])),
+            valid_ratios=torch.from_numpy(g["valid_ratios"][i]),
+            c1=c1.transpose(0, 1).reshape(-1, h1, w1),
+            image_id=int(self.image_ids[i]),
+            orig_size=tuple(int(x) for x in self._orig_size[i]),
+            size=tuple(int(x) for x in self._size[i]),
+        )
+
+    def info(self) -> dict:
+        """What the store holds and what it costs (``cli.py cache-info``).
+
+        Returns a JSON-serialisable dict: ``path``, ``format_version``, ``storage`` (``dtype``,
+        ``keep_bits``, ``codec``, ``levels``, ``encoder_layers``, ``top_k``, ``feature_widths``),
+        ``detector``, ``checkpoint_sha256``, ``random_init``, ``preprocessing``, ``images``,
+        ``done``, ``pending``, ``skipped`` (``{image_id: reason}``), ``arrays`` (per array path:
+        ``dtype``, ``shape``, ``chunks``, ``codecs``, ``stored_bytes`` on disk, ``data_bytes``
+        uncompressed bytes of the rows images use, ``ratio`` = data / stored), ``disk_bytes``
+        (whole store), ``mb_per_done_image`` and ``ratio`` (all data bytes / all stored bytes).
+        """
+        status = self.status()
+        used_tokens = int(sum(int((s[:, 0] * s[:, 1]).sum()) for s in self._spatial_shapes))
+        used_c1 = int(sum(int(h * w) for h, w in self._c1_shape))
+        arrays = {}
+
+        def visit(group, prefix=""):
+            for name, node in sorted(group.members(), key=lambda m: m[0]):
+                if isinstance(node, zarr.Group):
+                    visit(node, f"{prefix}{name}/")
+                    continue
+                path = prefix + name
+                row_bytes = int(np.prod(node.shape[1:], dtype=np.int64)) * node.dtype.itemsize
+                rows = used_tokens if path.startswith("encoder/") else used_c1 if path.startswith("c1") and \
+                    path not in ("c1_shape", "c1_offset") else node.shape[0] if node.shape else 1
+                stored = int(node.nbytes_stored())
+                meta = node.metadata.to_dict()
+                arrays[path] = {"dtype": str(node.dtype), "shape": list(node.shape), "chunks": list(node.chunks),
+                                "codecs": [c["name"] + (f"({c['configuration'].get('cname', '')}"
+                                                        f"{', ' + c['configuration']['shuffle'] if 'shuffle' in c.get('configuration', {}) else ''})"
+                                                        if c["name"] == "blosc" else
+                                                        f"(keepbits={c['configuration']['keepbits']})" if "bitround" in c["name"] else "")
+                                           for c in meta.get("codecs", []) if c["name"] != "bytes"],
+                                "stored_bytes": stored, "data_bytes": rows * row_bytes,
+                                "ratio": round(rows * row_bytes / stored, 3) if stored else None}
+
+        visit(self.group)
+        disk = self.disk_bytes()
+        n_done = int((status == DONE).sum())
+        fp = self.fingerprint
+        data_total = sum(a["data_bytes"] for a in arrays.values())
+        stored_total = sum(a["stored_bytes"] for a in arrays.values())
         return {
-            "image_id": int(self.image_ids[i]),
-            "orig_size": tuple(int(x) for x in self._orig_size[i]),
-            "size": tuple(int(x) for x in self._size[i]),
-            "queries": _from_storage(g["queries"][i], dt),
-            "logits": torch.from_numpy(g["logits"][i]),
-            "boxes": torch.from_numpy(g["boxes"][i]),
-            "query_index": torch.from_numpy(g["query_index"][i].astype(np.int64)),
-            "spatial_shapes": shapes,
-            "level_start_index": torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1])),
-            "valid_ratios": torch.from_numpy(g["valid_ratios"][i]),
-            "tokens": _from_storage(g[f"encoder/layer_{layer}"][t0 : t0 + int(sizes.sum())], dt),
-            "c1": c1.transpose(0, 1).reshape(-1, h1, w1),
+            "path": str(self.path), "format_version": FORMAT_VERSION,
+            "storage": {"dtype": self.dtype, "keep_bits": self.keep_bits, "codec": self.codec,
+                        "levels": fp.get("levels"), "encoder_layers": self.encoder_layers, "top_k": fp.get("top_k"),
+                        "feature_widths": fp.get("feature_widths")},
+            "detector": fp.get("detector"), "checkpoint_sha256": fp.get("checkpoint_sha256"),
+            "random_init": fp.get("random_init"), "preprocessing": fp.get("preprocessing"),
+            "images": len(self), "done": n_done, "pending": int((status == PENDING).sum()),
+            "skipped": self.skipped, "arrays": arrays, "disk_bytes": disk,
+            "mb_per_done_image": round(disk / 1e6 / n_done, 3) if n_done else None,
+            "ratio": round(data_total / stored_total, 3) if stored_total else None,
         }
 
     def disk_bytes(self) -> int:

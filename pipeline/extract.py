@@ -9,6 +9,7 @@ skipped and a partially written image is rewritten.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from kernels import ops as kernel_ops
 
 from . import data
-from .cache import DONE, PENDING, RANDOM_INIT_BANNER, SKIPPED, FeatureCache, ImageLayout
+from .cache import DONE, PENDING, RANDOM_INIT_BANNER, SKIPPED, FeatureCache, ImageLayout, check_storage
 from .detectors import build_detector
 from .faults import fault_point
 from .utils import WriterLock, file_sha256
@@ -38,8 +39,21 @@ class ExtractOptions:
         random_init: allow running without weights (random weights from ``seed``).
         encoder_layers: encoder layers to store, counted from 1.
         top_k: queries kept per image.
-        dtype: stored feature dtype (``float16``, ``bfloat16``, ``float32``).
+        dtype: stored feature dtype (``float16``, ``bfloat16``, ``float32``, ``int8``: per-row
+            scales, dequantised on read; see :mod:`pipeline.cache`).
+        keep_bits: mantissa bits kept by numcodecs BitRound (float16/float32 only; lossy), None = all.
+        codec: Blosc codec of the feature arrays (``auto`` = measured per array, or a key of
+            :data:`pipeline.cache.CODECS`).
+        levels: encoder levels to store (indices, 0 = finest), None = all of the detector's.
         min_size, max_size: test-time resize (pixels): shorter side, cap on the longer side.
+        batch_size: images per detector forward; only images of identical resized size are
+            batched (no padding), so values do not depend on it beyond float rounding.
+        decode_workers: DataLoader workers decoding images (None = 0 on CPU, up to 4 on CUDA).
+        workers: > 1 starts a dask.distributed ``LocalCluster`` of that many worker processes
+            (one thread each; with ``--device cuda`` worker ``r`` uses ``cuda:{r}``).
+        scheduler: address of an existing dask scheduler to submit to instead (``tcp://host:8786``).
+        unit_images: images per work unit (a contiguous block of store indices; each image owns
+            whole chunks, so units never share a chunk). retries: re-runs of a failed unit.
         impl: deformable-attention kernel (:data:`kernels.ops.IMPLS`); a run-time choice, not in
             the fingerprint (caches extracted with different kernels are used together).
     """
@@ -61,12 +75,20 @@ class ExtractOptions:
     encoder_layers: list[int] = field(default_factory=lambda: [4])
     top_k: int = 100
     dtype: str = "float16"
+    keep_bits: int | None = None
+    codec: str = "auto"
+    levels: list[int] | None = None
     device: str = "cpu"
     precision: str = "float32"
     skip_bad_images: bool = False
     overwrite: bool = False
     workers: int = 1
     impl: str = "auto"
+    batch_size: int = 1
+    decode_workers: int | None = None
+    scheduler: str | None = None
+    unit_images: int = 8
+    retries: int = 2
 
 
 def build_frozen_detector(opts: ExtractOptions):
@@ -110,12 +132,31 @@ def make_fingerprint(opts: ExtractOptions, detector, checkpoint_sha: str, ann_fi
         "encoder_layers": sorted(set(int(k) for k in opts.encoder_layers)),
         "top_k": int(opts.top_k),
         "dtype": opts.dtype,
+        "keep_bits": None if opts.keep_bits is None else int(opts.keep_bits),
+        "codec": opts.codec,
+        "levels": stored_levels(opts, detector),
         "class_to_category_id": {str(k): int(v) for k, v in detector.class_to_category_id().items()},
         "feature_widths": {"c1_channels": int(detector.c1_channels),
-                           "num_feature_levels": int(detector.num_feature_levels)},
+                           "num_feature_levels": len(stored_levels(opts, detector))},
         "ann_file": str(Path(ann_file).resolve()),
         "ann_sha256": file_sha256(Path(ann_file)),
     }
+
+
+def stored_levels(opts: ExtractOptions, detector) -> list[int]:
+    """The encoder levels the store holds (``--levels``, default all of the detector's), ascending.
+
+    Raises:
+        ValueError: a level outside ``0..num_feature_levels-1`` or repeated (names ``--levels``).
+    """
+    n = int(detector.num_feature_levels)
+    if opts.levels is None:
+        return list(range(n))
+    levels = [int(k) for k in opts.levels]
+    if not levels or len(set(levels)) != len(levels) or not all(0 <= k < n for k in levels):
+        raise ValueError(f"--levels must be distinct level indices in 0..{n - 1} (0 = finest) of {opts.detector}, "
+                         f"got {opts.levels}")
+    return sorted(levels)
 
 
 def _log_class_mapping(column_to_category: dict[int, int], coco) -> None:
@@ -131,68 +172,273 @@ def _log_class_mapping(column_to_category: dict[int, int], coco) -> None:
                     "trained for them", missing)
 
 
-def _layouts(coco, image_ids, detector, min_size, max_size) -> list[ImageLayout]:
+def _layouts(coco, image_ids, detector, min_size, max_size, levels: list[int]) -> list[ImageLayout]:
     layouts = []
     for image_id in image_ids:
         info = coco.imgs[image_id]
         w, h = int(info["width"]), int(info["height"])
         rh, rw = data.resize_shape(w, h, min_size, max_size)
         shapes, c1_hw = detector.feature_shapes(rh, rw)
+        shapes = shapes[levels]
         layouts.append(ImageLayout(int(image_id), (h, w), (rh, rw),
                                    [tuple(int(x) for x in s) for s in shapes.tolist()], tuple(int(x) for x in c1_hw)))
     return layouts
 
 
-def _extract_indices(opts: ExtractOptions, indices: list[int], detector=None, coco=None,
-                     position: int = 0) -> list[tuple[int, str]]:
-    """Extract the images at store positions ``indices``; returns ``[(index, reason)]`` skipped.
+def size_batches(sizes: dict[int, tuple[int, int]], indices: list[int], batch_size: int) -> list[list[int]]:
+    """Batches of store indices whose resized ``(h, w)`` is identical, so no image is padded.
 
-    Runs in the main process (``detector`` given) or in a dask worker process, which builds its
-    own detector and opens the store itself. Only the main process writes the store's
-    attributes (the skip reasons); a worker sets the image's own ``done`` flag and returns
-    the reason for the main process to record.
+    Images keep their order within a size; a size's batches come where its first image was.
+    Every image's cached values therefore come from an unpadded forward, as at batch size 1.
+
+    Args:
+        sizes: ``{index: (h, w)}`` resized size in pixels; indices: the images to batch.
+        batch_size: at most this many images per batch (>= 1).
+
+    Raises:
+        ValueError: ``batch_size < 1`` (names ``--batch-size``).
     """
-    in_main = detector is not None
-    if not in_main:  # a fresh worker process: the run-time kernel choice is per process
-        kernel_ops.set_impl(opts.impl)
-    ann_file, image_dir = data.resolve_dataset(opts.coco_root, opts.split, opts.ann_file, opts.image_dir)
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in indices:
+        groups.setdefault(tuple(sizes[i]), []).append(i)
+    return [g[j : j + batch_size] for g in groups.values() for j in range(0, len(g), batch_size)]
+
+
+class _DecodedBatches(torch.utils.data.Dataset):
+    """Item ``n``: ``[(index, image [3, h, w] float32 or None, error or None)]`` of batch ``n``
+    (decoding and preprocessing, run in DataLoader workers when ``--decode-workers`` > 0)."""
+
+    def __init__(self, batches, paths, expected_sizes, min_size, max_size):
+        self.batches, self.paths, self.expected = batches, paths, expected_sizes
+        self.min_size, self.max_size = min_size, max_size
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, n):
+        out = []
+        for i in self.batches[n]:
+            try:
+                image = data.load_image(self.paths[i], expected_size=self.expected[i])
+            except data.DataError as e:
+                out.append((i, None, str(e)))
+                continue
+            out.append((i, data.preprocess(image, self.min_size, self.max_size), None))
+        return out
+
+
+class _Writer:
+    """Writes records into the cache from a background thread, so the detector never waits for
+    the disk. ``put`` blocks when ``depth`` items are queued; an error in the thread is raised
+    by the next ``put`` or by ``close`` (images written before it stay done)."""
+
+    def __init__(self, cache: FeatureCache, out, depth: int = 2):
+        import queue
+        import threading
+
+        self.cache, self.out, self.error = cache, out, None
+        self.queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain after an error; nothing more is written
+            kind, i, payload = item
+            try:
+                if kind == "skip":
+                    self.cache.mark_skipped(i, payload)
+                else:
+                    fault_point("extract.before_write", self.out)
+                    self.cache.write(i, payload)
+            except BaseException as e:  # re-raised in the main thread
+                self.error = e
+
+    def _check(self):
+        if self.error is not None:
+            raise self.error
+
+    def put(self, kind: str, i: int, payload) -> None:
+        self._check()
+        self.queue.put((kind, i, payload))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._check()
+
+
+def _extract_indices(opts: ExtractOptions, indices: list[int], detector, coco,
+                     position: int = 0, in_main: bool = True) -> tuple[list[tuple[int, str]], int]:
+    """Extract the images at store positions ``indices``; returns ``([(index, reason)] skipped,
+    number of detector forwards)``.
+
+    Runs in the main process or in a dask worker process (``in_main=False``, see
+    :func:`_extract_unit`), which opens the store itself. Images of identical resized size are batched
+    (``opts.batch_size``, :func:`size_batches`), decoded in ``opts.decode_workers`` DataLoader
+    workers, and written by a background thread through :meth:`FeatureCache.write`. Only the
+    main process writes the store's attributes (the skip reasons); a worker returns them for
+    the main process to record.
+    """
+    _, image_dir = data.resolve_dataset(opts.coco_root, opts.split, opts.ann_file, opts.image_dir)
     cache = FeatureCache.open(opts.out, mode="r+")
-    if detector is None:
-        detector, _ = build_frozen_detector(opts)
-    if coco is None:
-        coco = data.load_coco(ann_file, require_annotations=False)
-    skipped = []
+    skipped, forwards = [], 0
     dtype = next(detector.parameters()).dtype
-    bar = tqdm(indices, desc="extract", unit="img", position=position, dynamic_ncols=True)
-    for i in bar:
-        image_id = int(cache.image_ids[i])
-        info = coco.imgs[image_id]
-        path = Path(image_dir) / info["file_name"]
+    ids = {i: int(cache.image_ids[i]) for i in indices}
+    paths = {i: Path(image_dir) / coco.imgs[ids[i]]["file_name"] for i in indices}
+    expected = {i: (int(coco.imgs[ids[i]]["width"]), int(coco.imgs[ids[i]]["height"])) for i in indices}
+    batches = size_batches(cache.sizes(indices), indices, opts.batch_size)
+    workers = decode_workers(opts)
+    loader = torch.utils.data.DataLoader(
+        _DecodedBatches(batches, paths, expected, opts.min_size, opts.max_size), batch_size=None, shuffle=False,
+        num_workers=workers, multiprocessing_context="spawn" if workers else None,
+        prefetch_factor=2 if workers else None, persistent_workers=False)
+    writer = _Writer(cache, opts.out)
+    bar = tqdm(total=len(indices), desc="extract", unit="img", position=position, dynamic_ncols=True)
+    try:
+        for decoded in loader:
+            good = []
+            for i, x, error in decoded:
+                if error is None:
+                    good.append((i, x))
+                    continue
+                if not opts.skip_bad_images:
+                    raise data.DataError(error)
+                log.warning("skipping image %d: %s", ids[i], error)
+                if in_main:
+                    writer.put("skip", i, error)
+                else:  # the main process records it (reason, then flag); a crash before leaves it pending
+                    skipped.append((i, error))
+            bar.update(len(decoded) - len(good))
+            if not good:
+                continue
+            x = torch.stack([x for _, x in good]).to(opts.device, dtype)
+            mask = torch.zeros((x.shape[0],) + x.shape[2:], dtype=torch.bool, device=opts.device)
+            records = detector.extract(x, mask, list(cache.encoder_layers), cache.fingerprint["top_k"])
+            forwards += 1
+            for (i, _), record in zip(good, records):
+                info = coco.imgs[ids[i]]
+                record = record.select_levels(cache.fingerprint["levels"])
+                record.image_id, record.size = ids[i], tuple(int(s) for s in x.shape[2:])
+                record.orig_size = (int(info["height"]), int(info["width"]))
+                writer.put("write", i, record)
+            bar.update(len(good))
+    finally:
+        bar.close()
+        writer.close()  # what was computed before an error is still written (each image owns its chunks)
+    return skipped, forwards
+
+
+class ExtractError(RuntimeError):
+    """Distributed extraction could not run or some work units failed after their retries."""
+
+
+_WORKER_DETECTORS: dict = {}  # per worker process: the built detector, reused across work units
+
+
+def _extract_unit(opts: ExtractOptions, indices: list[int], threads: int | None) -> tuple[list[tuple[int, str]], int]:
+    """One work unit on a dask worker: pin the device, reuse the process's detector, extract."""
+    import dataclasses
+
+    if threads:
+        torch.set_num_threads(threads)  # the main process's count: identical values to a single-process run
+    kernel_ops.set_impl(opts.impl)
+    device = opts.device
+    if device == "cuda":  # LocalCluster worker r -> cuda:r (names are 0..N-1); external workers: their CUDA_VISIBLE_DEVICES
         try:
-            image = data.load_image(path, expected_size=(int(info["width"]), int(info["height"])))
-        except data.DataError as e:
-            if not opts.skip_bad_images:
-                raise
-            log.warning("skipping image %d: %s", image_id, e)
-            if in_main:
-                cache.mark_skipped(i, str(e))
-            else:  # the main process records it (reason, then flag); a crash before leaves it pending
-                skipped.append((i, str(e)))
-            continue
-        x = data.preprocess(image, opts.min_size, opts.max_size).to(opts.device, dtype)
-        mask = torch.zeros((1,) + x.shape[1:], dtype=torch.bool, device=opts.device)
-        ex = detector.extract(x[None], mask, list(cache.encoder_layers), cache.fingerprint["top_k"])[0]
-        fault_point("extract.before_write", opts.out)
-        cache.write(i, queries=ex.queries, logits=ex.logits, boxes=ex.boxes, query_index=ex.query_index,
-                    encoder_tokens=ex.encoder_tokens, spatial_shapes=ex.spatial_shapes,
-                    valid_ratios=ex.valid_ratios, c1=ex.c1)
-    return skipped
+            from distributed import get_worker
+
+            rank = int(get_worker().name)
+            device = f"cuda:{rank % max(1, torch.cuda.device_count())}"
+        except (ValueError, TypeError):
+            device = "cuda"
+    opts = dataclasses.replace(opts, device=device)
+    key = (opts.detector, opts.preset, str(opts.weights), opts.seed, opts.device, opts.precision)
+    if key not in _WORKER_DETECTORS:
+        _WORKER_DETECTORS.clear()
+        _WORKER_DETECTORS[key] = build_frozen_detector(opts)[0]
+    ann_file, _ = data.resolve_dataset(opts.coco_root, opts.split, opts.ann_file, opts.image_dir)
+    coco = data.load_coco(ann_file, require_annotations=False)
+    skipped, forwards = _extract_indices(opts, indices, _WORKER_DETECTORS[key], coco, in_main=False)
+    return skipped, forwards
+
+
+def _run_distributed(opts: ExtractOptions, todo: list[int], cache: FeatureCache) -> tuple[list[tuple[int, str]], int]:
+    """Extract ``todo`` on dask.distributed: a ``LocalCluster`` of ``opts.workers`` processes or the
+    cluster at ``opts.scheduler``. Units of ``opts.unit_images`` consecutive images; a failed unit is
+    retried ``opts.retries`` times, then its image ids are reported (what other units wrote stays done).
+
+    Raises:
+        ExtractError: the scheduler cannot be reached (names ``--scheduler``), or units failed
+            (names their image ids, the worker and the error; re-running resumes).
+    """
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if opts.scheduler is not None:
+        try:
+            client = Client(opts.scheduler, timeout="10s")
+        except (OSError, TimeoutError) as e:
+            raise ExtractError(f"--scheduler {opts.scheduler}: cannot reach the dask scheduler ({e}); start one with "
+                               "`dask scheduler` and workers with `dask worker ADDRESS --nthreads 1`") from None
+    else:
+        cluster = LocalCluster(n_workers=opts.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               resources={"GPU": 1}, silence_logs=logging.WARNING)
+        client = Client(cluster)
+    failed = []
+    skipped, forwards = [], 0
+    try:
+        threads = torch.get_num_threads() if cluster is not None else None
+        unit = max(1, int(opts.unit_images))
+        units = [todo[j : j + unit] for j in range(0, len(todo), unit)]
+        resources = {"GPU": 1} if torch.device(opts.device).type == "cuda" else None
+        futures = {client.submit(_extract_unit, opts, u, threads, key=f"extract-{u[0]}-{u[-1]}", pure=False,
+                                 retries=opts.retries, resources=resources): u for u in units}
+        bar = tqdm(total=len(todo), desc=f"extract ({len(client.scheduler_info()['workers'])} dask workers)",
+                   unit="img", dynamic_ncols=True)
+        for fut in as_completed(futures):
+            u = futures[fut]
+            try:
+                s, f = fut.result()
+                skipped += s
+                forwards += f
+            except Exception as e:  # after its retries: reported by image id below
+                who = client.who_has(fut).get(fut.key) or "a worker"
+                failed.append((u, who, e))
+            bar.update(len(u))
+        bar.close()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    if failed:
+        lines = [f"images {[int(cache.image_ids[i]) for i in u]} on {who}: {type(e).__name__}: {e}"
+                 for u, who, e in failed]
+        raise ExtractError(f"{len(failed)} work unit(s) failed after {opts.retries} retries (everything else is "
+                           "written; re-run the same command to resume):\n  " + "\n  ".join(lines))
+    return skipped, forwards
+
+
+def decode_workers(opts: ExtractOptions) -> int:
+    """DataLoader workers that decode images: ``opts.decode_workers``, or by default none on CPU
+    (the detector already uses every core) and up to 4 on an accelerator."""
+    if opts.decode_workers is not None:
+        if opts.decode_workers < 0:
+            raise ValueError(f"--decode-workers must be >= 0, got {opts.decode_workers}")
+        return int(opts.decode_workers)
+    return 0 if torch.device(opts.device).type == "cpu" else min(4, os.cpu_count() or 1)
 
 
 def run_extract(opts: ExtractOptions) -> dict:
     """Extract every selected image into ``opts.out`` (creating or resuming the store).
 
-    Returns a summary dict: ``images``, ``done``, ``skipped``, ``seconds``, ``mb_per_image``.
+    Returns a summary dict: ``images``, ``done``, ``skipped``, ``extracted_now``, ``forwards`` (detector forward passes), ``seconds``, ``mb_per_image``.
 
     Raises:
         data.DataError: bad dataset or image (unless ``skip_bad_images``; images already
@@ -250,6 +496,9 @@ def _run_extract_locked(opts: ExtractOptions) -> dict:
     image_ids = data.select_image_ids(coco, opts.image_ids, opts.max_images)
     if not 1 <= opts.top_k:
         raise ValueError(f"--top-k must be >= 1, got {opts.top_k}")
+    check_storage(opts.dtype, opts.keep_bits, opts.codec)  # before any compute or write
+    size_batches({}, [], opts.batch_size)  # raises on a bad --batch-size
+    decode_workers(opts)  # raises on a bad --decode-workers
     check_images_before_compute(coco, image_ids, image_dir, opts.skip_bad_images)
     detector, sha = build_frozen_detector(opts)
     if opts.top_k > detector.num_queries:
@@ -259,7 +508,7 @@ def _run_extract_locked(opts: ExtractOptions) -> dict:
         raise ValueError(f"--encoder-layers {bad} out of range 1..{detector.num_encoder_layers}")
     fingerprint = make_fingerprint(opts, detector, sha, ann_file)
     _log_class_mapping(detector.class_to_category_id(), coco)
-    layouts = _layouts(coco, image_ids, detector, opts.min_size, opts.max_size)
+    layouts = _layouts(coco, image_ids, detector, opts.min_size, opts.max_size, fingerprint["levels"])
     cache = FeatureCache.create_or_resume(
         opts.out, fingerprint, layouts, top_k=opts.top_k, hidden_dim=detector.hidden_dim,
         num_classes=detector.num_classes, c1_channels=detector.c1_channels, overwrite=opts.overwrite)
@@ -268,18 +517,11 @@ def _run_extract_locked(opts: ExtractOptions) -> dict:
     log.info("%s: %d images, %d already done, %d skipped, %d to extract", opts.out, len(cache),
              int((status == DONE).sum()), int((status == SKIPPED).sum()), len(todo))
     start = time.time()
-    if opts.workers <= 1 or len(todo) <= 1:
-        skipped = _extract_indices(opts, todo, detector, coco)  # reasons already recorded
+    if (opts.workers <= 1 and opts.scheduler is None) or not todo:
+        skipped, forwards = _extract_indices(opts, todo, detector, coco)  # reasons already recorded
     else:
-        import dask
-
         del detector
-        n = opts.workers
-        size = -(-len(todo) // n)
-        blocks = [todo[j : j + size] for j in range(0, len(todo), size)]
-        tasks = [dask.delayed(_extract_indices)(opts, b, None, None, w) for w, b in enumerate(blocks)]
-        results = dask.compute(*tasks, scheduler="processes", num_workers=n)
-        skipped = [s for r in results for s in r]
+        skipped, forwards = _run_distributed(opts, todo, cache)
         for i, reason in skipped:
             cache.mark_skipped(i, reason)
     seconds = time.time() - start
@@ -288,7 +530,7 @@ def _run_extract_locked(opts: ExtractOptions) -> dict:
     n_now = int(sum(status[i] == DONE for i in todo))
     summary = {
         "images": len(cache), "done": n_done, "skipped": int((status == SKIPPED).sum()),
-        "extracted_now": n_now, "seconds": round(seconds, 2),
+        "extracted_now": n_now, "forwards": forwards, "seconds": round(seconds, 2),
         "seconds_per_image": round(seconds / max(1, n_now), 3),
         "mb_per_image": round(cache.disk_bytes() / 1e6 / max(1, n_done), 3),
         "random_init": fingerprint["random_init"],

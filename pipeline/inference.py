@@ -20,12 +20,13 @@ from .cache import RANDOM_INIT_BANNER, FeatureCache
 from .config import Config
 from .evaluate import evaluate_coco, instances_to_coco_json, paste_masks
 from .head import HungarianMatcher, PostProcess
+from .record import SampleRecord
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def predict_batch(head, postprocess, items: list[dict], maps: dict, cfg: Config, device, boxes: str = "pred",
+def predict_batch(head, postprocess, items: list[SampleRecord], maps: dict, cfg: Config, device, boxes: str = "pred",
                   matcher=None) -> list[dict]:
     """COCO result dicts (segmentation RLE, bbox xywh, score, category_id) for cached images.
 
@@ -36,7 +37,7 @@ def predict_batch(head, postprocess, items: list[dict], maps: dict, cfg: Config,
     ``sigmoid(class logit) x predicted mask IoU`` (Eq. 13), top ``cfg.evaluate.top_n`` per image.
     ``boxes="gt"``: one prediction per non-crowd ground-truth object, using the query matched to
     it, its GT box and GT category; score = predicted mask IoU of that category (1 without
-    mask scoring). Requires ``item["gt"]`` and ``matcher``.
+    mask scoring). Requires each record's ``gt`` and ``matcher``.
 
     Raises:
         ValueError: unknown ``boxes`` mode.
@@ -44,22 +45,22 @@ def predict_batch(head, postprocess, items: list[dict], maps: dict, cfg: Config,
     if boxes not in ("pred", "gt"):
         raise ValueError(f"boxes must be 'pred' or 'gt', got {boxes!r}")
     feats = image_features(head, items, device)
-    sizes = torch.tensor([it["size"] for it in items], dtype=torch.float32, device=device)
+    sizes = torch.tensor([it.size for it in items], dtype=torch.float32, device=device)
     queries, sel_boxes, bidx, chosen = [], [], [], []
     for b, it in enumerate(items):
         if boxes == "pred":
-            q_idx = torch.arange(len(it["queries"]))
-            bx = it["boxes"].float()
+            q_idx = torch.arange(len(it.queries))
+            bx = it.boxes.float()
             g_idx = None
         else:
-            gt = it["gt"]
+            gt = it.gt
             labels = torch.as_tensor([maps["column_of"][int(c)] for c in gt["category_ids"].tolist()],
                                      dtype=torch.int64)
-            q_idx, g_idx = matcher.match(it["logits"].float(), it["boxes"].float(), labels, gt["boxes_cxcywh"])
+            q_idx, g_idx = matcher.match(it.logits.float(), it.boxes.float(), labels, gt["boxes_cxcywh"])
             order = torch.argsort(g_idx)
             q_idx, g_idx = q_idx[order], g_idx[order]
             bx = gt["boxes_cxcywh"][g_idx]
-        queries.append(it["queries"].float()[q_idx])
+        queries.append(it.queries.float()[q_idx])
         sel_boxes.append(bx)
         bidx.append(torch.full((len(q_idx),), b, dtype=torch.int64))
         chosen.append(g_idx)
@@ -71,16 +72,16 @@ def predict_batch(head, postprocess, items: list[dict], maps: dict, cfg: Config,
     col_to_cat = {col: cat for cat, col in maps["column_of"].items()}
     results = []
     for b, it in enumerate(items):
-        h, w = it["orig_size"]
+        h, w = it.orig_size
         if boxes == "pred":
-            det = postprocess(it["logits"].float().to(device), sel_boxes[b].to(device), mask_logits[b], iou_pred[b],
+            det = postprocess(it.logits.float().to(device), sel_boxes[b].to(device), mask_logits[b], iou_pred[b],
                               maps["column_to_contiguous"].to(device), top_n=cfg.evaluate.top_n)
             cat_ids = torch.as_tensor([col_to_cat[int(c)] for c in det["labels"].tolist()], dtype=torch.int64)
             scores, bx, probs = det["scores"].cpu(), det["boxes"].cpu(), det["mask_probs"].cpu()
         else:
             if chosen[b].numel() == 0:
                 continue
-            cat_ids = it["gt"]["category_ids"][chosen[b]]
+            cat_ids = it.gt["category_ids"][chosen[b]]
             bx, probs = sel_boxes[b], mask_logits[b].sigmoid().cpu()
             if iou_pred[b] is not None:
                 contig = torch.as_tensor([maps["contiguous_of"][int(c)] for c in cat_ids.tolist()], dtype=torch.int64)
@@ -89,7 +90,7 @@ def predict_batch(head, postprocess, items: list[dict], maps: dict, cfg: Config,
                 scores = torch.ones(len(cat_ids))
         xyxy = to_xyxy_pixels(bx, h, w)
         masks = paste_masks(probs, xyxy, h, w, threshold=cfg.evaluate.mask_threshold)
-        results += instances_to_coco_json(it["image_id"], scores, cat_ids, xyxy, masks)
+        results += instances_to_coco_json(it.image_id, scores, cat_ids, xyxy, masks)
     return results
 
 

@@ -31,6 +31,7 @@ from .cache import CacheError, FeatureCache
 from .config import Config, ConfigError, save_config
 from .faults import fault_point
 from .head import HeadConfig, build_head, mask_targets_in_boxes
+from .record import SampleRecord
 from .utils import WriterLock, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -54,17 +55,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def match_image(matcher, item: dict, column_of: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def match_image(matcher, item: SampleRecord, column_of: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Hungarian matching of one image's cached predictions to its non-crowd ground truth.
 
     Returns ``(query_idx [g], gt_idx [g])`` int64 (g = min(K, G)).
     """
-    gt = item["gt"]
+    gt = item.gt
     labels = torch.as_tensor([column_of[int(c)] for c in gt["category_ids"].tolist()], dtype=torch.int64)
-    return matcher.match(item["logits"].float(), item["boxes"].float(), labels, gt["boxes_cxcywh"])
+    return matcher.match(item.logits.float(), item.boxes.float(), labels, gt["boxes_cxcywh"])
 
 
-def training_targets(items: list[dict], matcher, maps: dict, boxes_mode: str, mask_size: int):
+def training_targets(items: list[SampleRecord], matcher, maps: dict, boxes_mode: str, mask_size: int):
     """Queries, boxes and mask targets of the matched (query, object) pairs of a batch.
 
     Returns a dict: ``queries [M, D]``, ``boxes [M, 4]`` cxcywh normalized (predicted boxes in
@@ -73,13 +74,13 @@ def training_targets(items: list[dict], matcher, maps: dict, boxes_mode: str, ma
     """
     queries, boxes, bidx, masks, labels = [], [], [], [], []
     for b, it in enumerate(items):
-        gt = it["gt"]
+        gt = it.gt
         if gt["category_ids"].numel() == 0:
             continue
         q_idx, g_idx = match_image(matcher, it, maps["column_of"])
-        sel = it["boxes"].float()[q_idx] if boxes_mode == "pred" else gt["boxes_cxcywh"][g_idx]
-        h, w = it["orig_size"]
-        queries.append(it["queries"].float()[q_idx])
+        sel = it.boxes.float()[q_idx] if boxes_mode == "pred" else gt["boxes_cxcywh"][g_idx]
+        h, w = it.orig_size
+        queries.append(it.queries.float()[q_idx])
         boxes.append(sel)
         bidx.append(torch.full((len(q_idx),), b, dtype=torch.int64))
         masks.append(mask_targets_in_boxes(gt["masks"][g_idx], to_xyxy_pixels(sel, h, w), mask_size))
@@ -91,9 +92,9 @@ def training_targets(items: list[dict], matcher, maps: dict, boxes_mode: str, ma
             "masks": torch.cat(masks), "labels": torch.cat(labels)}
 
 
-def image_sizes_of(items: list[dict]) -> torch.Tensor:
+def image_sizes_of(items: list[SampleRecord]) -> torch.Tensor:
     """``[B, 2]`` float (h, w) of the resized images the detector saw."""
-    return torch.tensor([it["size"] for it in items], dtype=torch.float32)
+    return torch.tensor([it.size for it in items], dtype=torch.float32)
 
 
 def _rng_state(sample_gen: torch.Generator) -> dict:
@@ -316,14 +317,10 @@ class NonFiniteLossError(ValueError):
     """The loss became NaN/Inf; training stopped before the update (the last checkpoint is intact)."""
 
 
-FEATURE_KEYS = ("queries", "tokens", "c1", "boxes")
-
-
-def _non_finite_message(loss: torch.Tensor, items: list[dict], step: int, ckpt_path: Path) -> str:
+def _non_finite_message(loss: torch.Tensor, items: list[SampleRecord], step: int, ckpt_path: Path) -> str:
     """Name the step, the images of the batch, and which of them hold non-finite cached values."""
-    ids = [int(it["image_id"]) for it in items]
-    culprits = [f"{int(it['image_id'])} ({', '.join(k for k in FEATURE_KEYS if not bool(torch.isfinite(it[k]).all()))})"
-                for it in items if not all(bool(torch.isfinite(it[k]).all()) for k in FEATURE_KEYS)]
+    ids = [int(it.image_id) for it in items]
+    culprits = [f"{int(it.image_id)} ({', '.join(it.non_finite_fields())})" for it in items if it.non_finite_fields()]
     where = (f"non-finite cached values in image(s) {'; '.join(culprits)}: re-extract them"
              if culprits else "the cached inputs are finite: lower train.lr or check the config")
     last = f"{ckpt_path} is intact; continue with --resume" if ckpt_path.is_file() else "no checkpoint was written yet"

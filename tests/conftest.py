@@ -23,6 +23,25 @@ SMALL_HEAD = ["head.image_encoder_layers=1", "head.box_dim=64", "head.box_encode
               "head.num_points=1024", "train.log_every=1"]
 
 
+def records_equal(a, b) -> bool:
+    """Two :class:`~pipeline.record.SampleRecord` s hold identical tensors (dtype included) and metadata."""
+    import dataclasses
+
+    import torch
+
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, dict) and x and all(isinstance(v, torch.Tensor) for v in x.values()):
+            if sorted(x) != sorted(y) or not all(v.dtype == y[k].dtype and torch.equal(v, y[k]) for k, v in x.items()):
+                return False
+        elif isinstance(x, torch.Tensor):
+            if x.dtype != y.dtype or not torch.equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
 def skip_or_fail_without(path: Path, what: str) -> None:
     """Skip a test whose reference data ``path`` is absent, or FAIL it when ``CI`` is set.
 

@@ -5,6 +5,7 @@ import torch
 import zarr
 
 from pipeline.cache import DONE, PENDING, SKIPPED, CacheError, FeatureCache, ImageLayout, fingerprint_diff
+from pipeline.record import SampleRecord
 
 SHAPES = [[(20, 30), (10, 15), (5, 8)], [(16, 16), (8, 8), (4, 4)], [(7, 9), (4, 5), (2, 3)]]
 
@@ -26,10 +27,12 @@ def _record(i, seed=0):
     g = torch.Generator().manual_seed(seed + i)
     s = SHAPES[i]
     n_tok = sum(h * w for h, w in s)
-    return dict(queries=torch.randn(5, 8, generator=g), logits=torch.randn(5, 3, generator=g),
-                boxes=torch.rand(5, 4, generator=g), query_index=torch.randperm(20, generator=g)[:5],
-                encoder_tokens={4: torch.randn(n_tok, 8, generator=g), 6: torch.randn(n_tok, 8, generator=g)},
-                spatial_shapes=torch.tensor(s), valid_ratios=torch.ones(3, 2), c1=torch.randn(6, *s[0], generator=g))
+    sizes = torch.tensor([h * w for h, w in s])
+    return SampleRecord(queries=torch.randn(5, 8, generator=g), logits=torch.randn(5, 3, generator=g),
+                        boxes=torch.rand(5, 4, generator=g), query_index=torch.randperm(20, generator=g)[:5],
+                        encoder_tokens={4: torch.randn(n_tok, 8, generator=g), 6: torch.randn(n_tok, 8, generator=g)},
+                        spatial_shapes=torch.tensor(s), level_start_index=torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1])),
+                        valid_ratios=torch.ones(3, 2), c1=torch.randn(6, *s[0], generator=g))
 
 
 def _create(path, dtype="float16", **kw):
@@ -42,22 +45,25 @@ def test_round_trip_returns_what_was_written_after_cast(tmp_path, dtype):
     cache = _create(tmp_path / "c.zarr", dtype)
     recs = [_record(i) for i in range(3)]
     for i in (2, 0, 1):  # any order: each image owns its chunks
-        cache.write(i, **recs[i])
+        cache.write(i, recs[i])
     reader = FeatureCache.open(tmp_path / "c.zarr")
     tdt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     for i, rec in enumerate(recs):
         for layer in (4, 6):
             got = reader.read(i, layer)
-            assert got["tokens"].dtype == tdt
-            assert torch.equal(got["tokens"], rec["encoder_tokens"][layer].to(tdt))
-        assert torch.equal(got["queries"], rec["queries"].to(tdt))
-        assert torch.equal(got["c1"], rec["c1"].to(tdt))
-        assert torch.equal(got["logits"], rec["logits"]) and torch.equal(got["boxes"], rec["boxes"])
-        assert torch.equal(got["query_index"], rec["query_index"])
-        assert got["spatial_shapes"].tolist() == [list(x) for x in SHAPES[i]]
-        assert got["level_start_index"].tolist() == [0, SHAPES[i][0][0] * SHAPES[i][0][1],
-                                                     SHAPES[i][0][0] * SHAPES[i][0][1] + SHAPES[i][1][0] * SHAPES[i][1][1]]
-        assert got["image_id"] == 100 + i
+            assert isinstance(got, SampleRecord) and got.tokens.dtype == tdt
+            assert torch.equal(got.tokens, rec.encoder_tokens[layer].to(tdt))
+        both = reader.read(i, [4, 6])
+        assert sorted(both.encoder_tokens) == [4, 6] and torch.equal(both.encoder_tokens[4], rec.encoder_tokens[4].to(tdt))
+        with pytest.raises(ValueError, match="holds encoder layers"):
+            both.tokens
+        assert torch.equal(got.queries, rec.queries.to(tdt))
+        assert torch.equal(got.c1, rec.c1.to(tdt))
+        assert torch.equal(got.logits, rec.logits) and torch.equal(got.boxes, rec.boxes)
+        assert torch.equal(got.query_index, rec.query_index)
+        assert got.spatial_shapes.tolist() == [list(x) for x in SHAPES[i]]
+        assert torch.equal(got.level_start_index, rec.level_start_index)
+        assert got.image_id == 100 + i and got.size == got.orig_size == (SHAPES[i][0][0] * 4, SHAPES[i][0][1] * 4)
     assert reader.done_indices() == [0, 1, 2]
     assert reader.fingerprint["dtype"] == dtype
 
@@ -74,31 +80,31 @@ def test_images_start_on_chunk_boundaries(tmp_path):
 def test_partial_image_is_not_readable_and_resume_keeps_done(tmp_path):
     path = tmp_path / "c.zarr"
     cache = _create(path)
-    cache.write(0, **_record(0))
+    cache.write(0, _record(0))
     cache.group["done"][1] = PENDING  # image 1 never finished
     with pytest.raises(CacheError, match="not completely extracted"):
         FeatureCache.open(path).read(1)
     resumed = _create(path)  # same settings: resumes
     assert resumed.status().tolist() == [DONE, PENDING, PENDING]
-    assert torch.equal(resumed.read(0, 4)["tokens"], _record(0)["encoder_tokens"][4].half())
+    assert torch.equal(resumed.read(0, 4).tokens, _record(0).encoder_tokens[4].half())
 
 
 def test_other_settings_are_refused_with_the_difference(tmp_path):
     path = tmp_path / "c.zarr"
-    _create(path).write(0, **_record(0))
+    _create(path).write(0, _record(0))
     with pytest.raises(CacheError, match="top_k: expected 9, cache has 5"):
         FeatureCache.create_or_resume(path, _fingerprint(top_k=9), _layouts(), top_k=9, hidden_dim=8, num_classes=3,
                                       c1_channels=6)
     with pytest.raises(CacheError, match="checkpoint_sha256"):
         FeatureCache.open(path, expected=_fingerprint(checkpoint_sha256="deadbeef"))
     # the refused calls did not touch what was written
-    assert torch.equal(FeatureCache.open(path).read(0, 6)["tokens"], _record(0)["encoder_tokens"][6].half())
+    assert torch.equal(FeatureCache.open(path).read(0, 6).tokens, _record(0).encoder_tokens[6].half())
     assert fingerprint_diff(_fingerprint(), _fingerprint(ann_file="/other.json")) == []  # not a compatibility key
 
 
 def test_overwrite_replaces(tmp_path):
     path = tmp_path / "c.zarr"
-    _create(path).write(0, **_record(0))
+    _create(path).write(0, _record(0))
     fresh = _create(path, overwrite=True)
     assert fresh.status().tolist() == [PENDING] * 3
 
@@ -113,9 +119,13 @@ def test_skipped_is_recorded(tmp_path):
 def test_write_rejects_shapes_that_disagree_with_layout(tmp_path):
     cache = _create(tmp_path / "c.zarr")
     rec = _record(0)
-    rec["spatial_shapes"] = torch.tensor([[20, 31], [10, 15], [5, 8]])
+    rec.spatial_shapes = torch.tensor([[20, 31], [10, 15], [5, 8]])
     with pytest.raises(CacheError, match="spatial_shapes"):
-        cache.write(0, **rec)
+        cache.write(0, rec)
+    rec = _record(0)
+    rec.image_id = 999
+    with pytest.raises(CacheError, match="record of image 999 written at index 0"):
+        cache.write(0, rec)
     assert cache.status()[0] == PENDING
 
 
@@ -126,5 +136,52 @@ def test_not_a_cache(tmp_path):
     with pytest.raises(CacheError, match="not a mask-frozen-detr-cache"):
         FeatureCache.open(tmp_path / "other.zarr")
     with pytest.raises(CacheError, match="dtype must be"):
-        FeatureCache.create_or_resume(tmp_path / "x.zarr", _fingerprint("int8"), _layouts(), top_k=5, hidden_dim=8,
+        FeatureCache.create_or_resume(tmp_path / "x.zarr", _fingerprint("int4"), _layouts(), top_k=5, hidden_dim=8,
                                       num_classes=3, c1_channels=6)
+    with pytest.raises(CacheError, match="--codec must be"):
+        FeatureCache.create_or_resume(tmp_path / "x.zarr", _fingerprint(codec="brotli"), _layouts(), top_k=5,
+                                      hidden_dim=8, num_classes=3, c1_channels=6)
+    with pytest.raises(CacheError, match="--keep-bits must be in 1..10"):
+        FeatureCache.create_or_resume(tmp_path / "x.zarr", _fingerprint(keep_bits=11), _layouts(), top_k=5,
+                                      hidden_dim=8, num_classes=3, c1_channels=6)
+    with pytest.raises(CacheError, match="--keep-bits applies to float16/float32"):
+        FeatureCache.create_or_resume(tmp_path / "x.zarr", _fingerprint("int8", keep_bits=5), _layouts(), top_k=5,
+                                      hidden_dim=8, num_classes=3, c1_channels=6)
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def _rel_rms(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).pow(2).mean().sqrt() / want.double().pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("dtype,keep_bits,bound", [("int8", None, 0.01), ("bfloat16", None, 0.005),
+                                                   ("float16", 7, 0.005), ("float16", 4, 0.04)])
+def test_lossy_storage_stays_within_its_documented_error(tmp_path, dtype, keep_bits, bound):
+    """int8 (per-row float16 scales), bfloat16 and BitRound(keep_bits) round trips: relative RMS error
+    within the bound the README states, max error within the quantisation step; int8 reads as float32."""
+    from pipeline.cache import quantize_int8
+
+    cache = FeatureCache.create_or_resume(tmp_path / "c.zarr", _fingerprint(dtype, keep_bits=keep_bits), _layouts(),
+                                          top_k=5, hidden_dim=8, num_classes=3, c1_channels=6,
+                                          token_chunk_rows=64, c1_chunk_rows=64)
+    recs = [_record(i) for i in range(3)]
+    for i, rec in enumerate(recs):
+        cache.write(i, rec)
+    reader = FeatureCache.open(tmp_path / "c.zarr")
+    if dtype == "int8":
+        assert reader.group["encoder/layer_4"].dtype == "int8" and reader.group["c1_scale"].dtype == "float16"
+    for i, rec in enumerate(recs):
+        got = reader.read(i, [4, 6])
+        assert got.queries.dtype == got.c1.dtype == {"int8": torch.float32, "bfloat16": torch.bfloat16,
+                                                     "float16": torch.float16}[dtype]
+        pairs = [(got.queries, rec.queries), (got.c1, rec.c1)] + [(got.encoder_tokens[k], rec.encoder_tokens[k]) for k in (4, 6)]
+        for a, b in pairs:
+            assert a.shape == b.shape and _rel_rms(a, b) <= bound
+            assert 0 < _rel_rms(a, b)  # lossy: the option really changed the values
+        if dtype == "int8":  # per-row error <= half a step of that row's scale (+ float16 scale rounding)
+            x = rec.encoder_tokens[4]
+            step = x.abs().amax(1, keepdim=True) / 127
+            assert bool(((got.encoder_tokens[4] - x).abs() <= step * 0.5 + x.abs() * 2e-3 + 1e-6).all())
+        assert torch.equal(got.logits, rec.logits) and torch.equal(got.boxes, rec.boxes)  # never quantised
+    q, s = quantize_int8(torch.zeros(2, 4))
+    assert q.abs().sum() == 0 and s.abs().sum() == 0  # an all-zero row stays zero (no division by 0)

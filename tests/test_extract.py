@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,12 +13,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import zarr
 
 from pipeline.cache import DONE, PENDING, SKIPPED, FeatureCache
 
-from .conftest import COCO_ROOT, REPO, SMALL_EXTRACT, require_coco, run_cli
+from .conftest import COCO_ROOT, REPO, SMALL_EXTRACT, records_equal, require_coco, run_cli
 
 
 def _arrays(path: Path) -> dict:
@@ -57,14 +59,14 @@ def test_extract_writes_complete_cache(small_caches):
     # class columns -> COCO category ids, identity on the 80 real ids
     assert len(fp["class_to_category_id"]) == 80 and all(int(k) == v for k, v in fp["class_to_category_id"].items())
     item = cache.read(0, 6)
-    h, w = item["size"]
+    h, w = item.size
     assert min(h, w) <= 160 and max(h, w) <= 240
-    assert item["queries"].shape == (30, 256) and item["logits"].shape == (30, 91)
-    assert item["c1"].shape[0] == 16 and item["spatial_shapes"].shape == (5, 2)
-    assert item["tokens"].shape == (int(item["spatial_shapes"].prod(1).sum()), 256)
-    best = item["logits"].sigmoid().max(1).values
+    assert item.queries.shape == (30, 256) and item.logits.shape == (30, 91)
+    assert item.c1.shape[0] == 16 and item.spatial_shapes.shape == (5, 2)
+    assert item.tokens.shape == (int(item.spatial_shapes.prod(1).sum()), 256)
+    best = item.logits.sigmoid().max(1).values
     assert bool((best[:-1] >= best[1:]).all()), "queries must be ranked by best class score"
-    assert bool(((item["boxes"] >= 0) & (item["boxes"] <= 1)).all())
+    assert bool(((item.boxes >= 0) & (item.boxes <= 1)).all())
 
 
 def test_random_init_is_reproducible_and_required(tmp_path, small_caches):
@@ -146,7 +148,18 @@ def test_bad_image_stops_with_error_or_is_skipped(tmp_path):
     assert list(cache.skipped) == [str(images[3]["id"])]
     for i in range(3):  # array contents, not just flags, survived the error and the re-run
         again = cache.read(i, 6)
-        assert all(torch.equal(v, again[k]) for k, v in kept[i].items() if isinstance(v, torch.Tensor))
+        assert records_equal(kept[i], again)
+    info = json.loads(run_cli("cache-info", out, "--json").stdout)  # what a user sees of this store
+    assert (info["images"], info["done"], info["pending"]) == (4, 3, 0)
+    assert list(info["skipped"]) == [str(images[3]["id"])] and "JPEG" in info["skipped"][str(images[3]["id"])].upper()
+    assert info["storage"]["dtype"] == "float16" and info["storage"]["encoder_layers"] == [4, 6]
+    arrays = info["arrays"]
+    assert arrays["encoder/layer_6"]["dtype"] == "float16" and arrays["c1"]["shape"][1] == 16
+    assert arrays["encoder/layer_6"]["data_bytes"] == sum(int(cache.read(i, 6).tokens.numel()) * 2 for i in range(3))
+    assert info["disk_bytes"] == cache.disk_bytes() and sum(a["stored_bytes"] for a in arrays.values()) <= info["disk_bytes"]
+    assert abs(info["mb_per_done_image"] - cache.disk_bytes() / 1e6 / 3) < 1e-3
+    text = run_cli("cache-info", out).stdout
+    assert f"skipped {images[3]['id']}:" in text and "encoder/layer_6" in text and "MB per done image" in text
 
 
 def test_missing_image_and_wrong_size(tmp_path):
@@ -170,8 +183,6 @@ def test_caches_from_different_kernels_are_used_together(tmp_path):
     from kernels import ops
 
     if not ops.compiled_available("cpu"):
-        import pytest
-
         pytest.skip("CPU kernel not built")
     stores = {}
     for impl in ("reference", "cpu"):
@@ -191,3 +202,88 @@ def test_caches_from_different_kernels_are_used_together(tmp_path):
             np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=k)
         else:
             assert np.array_equal(a[k], b[k]), k
+
+
+def test_int8_store_with_fewer_levels_trains_a_head(tmp_path):
+    """--dtype int8 --levels: scales in the store and schema, values dequantised to float32 on read,
+    and a head trains on it with the stored level count; bad choices are refused before any write."""
+    require_coco()
+    from pipeline.train import load_checkpoint
+
+    from .conftest import SMALL_HEAD
+
+    common = ["--detector", "dino-focalnet", "--preset", "golden-small", "--random-init", "--min-size", "160",
+              "--max-size", "240", "--encoder-layers", "4", "--top-k", "30", "--coco-root", COCO_ROOT,
+              "--split", "train2017", "--max-images", 2]
+    proc = run_cli("extract", *common, "--dtype", "int8", "--keep-bits", "5", "--out", tmp_path / "bad.zarr", check=False)
+    assert proc.returncode == 2 and "--keep-bits applies to float16/float32" in proc.stderr, proc.stderr
+    from pipeline.cache import CacheError
+    from pipeline.extract import ExtractOptions, run_extract
+
+    opts = ExtractOptions(out=tmp_path / "bad.zarr", preset="golden-small", random_init=True, coco_root=COCO_ROOT,
+                          split="train2017", max_images=2, min_size=160, max_size=240)
+    for bad, error, msg in (({"levels": [0, 7]}, ValueError, "--levels must be distinct level indices in 0..4"),
+                            ({"codec": "brotli"}, CacheError, "--codec must be")):
+        with pytest.raises(error, match=msg):
+            run_extract(dataclasses.replace(opts, **bad))
+    assert not (tmp_path / "bad.zarr").exists()
+    out = tmp_path / "int8.zarr"
+    run_cli("extract", *common, "--dtype", "int8", "--levels", "0,1,2", "--out", out)
+    cache = FeatureCache.open(out)
+    fp = cache.fingerprint
+    assert fp["dtype"] == "int8" and fp["levels"] == [0, 1, 2] and fp["codec"] == "auto"
+    assert fp["feature_widths"] == {"c1_channels": 16, "num_feature_levels": 3}
+    g = zarr.open_group(str(out), mode="r")
+    assert g["encoder/layer_4"].dtype == np.int8 and g["encoder/layer_4_scale"].dtype == np.float16
+    assert g["c1"].dtype == np.int8 and g["c1_scale"].shape == (g["c1"].shape[0],)
+    rec = cache.read(0, 4)
+    assert rec.tokens.dtype == rec.c1.dtype == rec.queries.dtype == torch.float32
+    assert rec.spatial_shapes.shape == (3, 2) and rec.tokens.shape[0] == int(rec.spatial_shapes.prod(1).sum())
+    run = tmp_path / "run"
+    run_cli("train-head", "--cache", out, "--config", REPO / "configs" / "mfdetr_dino_focalnet_l.yaml",
+            *[a for s in SMALL_HEAD for a in ("--set", s)], "--max-iters", 2, "--batch-size", 2, "--boxes", "gt",
+            "--device", "cpu", "--out", run)
+    ckpt = load_checkpoint(run / "head.pt")
+    assert ckpt["step"] == 2 and ckpt["config"]["head"]["num_feature_levels"] == 3
+
+
+def test_batch_of_same_size_images_equals_batch_one(tmp_path, small_caches):
+    """--batch-size 2 batches only images of identical resized size (three 640x480 val images and one
+    640x426 -> 3 forwards), and each image's values equal the batch-1 store's up to float rounding."""
+    require_coco()
+    ids = [17627, 139, 41888, 47112]  # 640x480, 640x426, 640x480, 640x480 (all in the first 10 val images)
+    out = tmp_path / "b2.zarr"
+    res = run_cli("extract", *SMALL_EXTRACT, "--coco-root", COCO_ROOT, "--split", "val2017", "--image-ids",
+                  ",".join(map(str, ids)), "--batch-size", 2, "--out", out)
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    assert summary["done"] == 4 and summary["forwards"] == 3
+    one, two = FeatureCache.open(small_caches["val"]), FeatureCache.open(out)
+    for image_id in ids:
+        a, b = one.read(one.index_of(image_id), [4, 6]), two.read(two.index_of(image_id), [4, 6])
+        assert (a.image_id, a.size, a.orig_size) == (b.image_id, b.size, b.orig_size)
+        assert torch.equal(a.query_index, b.query_index) and torch.equal(a.spatial_shapes, b.spatial_shapes)
+        for name in ("queries", "logits", "boxes", "c1"):  # float16 features: one rounding step at most
+            torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=2e-3, atol=2e-5, msg=name)
+        for k in (4, 6):
+            torch.testing.assert_close(b.encoder_tokens[k], a.encoder_tokens[k], rtol=2e-3, atol=2e-5)
+
+
+def test_local_cluster_equals_single_process_and_failed_units_are_reported(tmp_path, small_caches):
+    """A real dask.distributed LocalCluster of 2 worker processes: a unit that fails (injected ENOSPC in
+    each worker's first write) is reported by image id with --retries 0 while the rest is written; the
+    re-run resumes it and the store equals the single-process one array by array (bitwise: workers use
+    the main process's thread count). An unreachable --scheduler is a clear error."""
+    require_coco()
+    out = tmp_path / "cluster.zarr"
+    args = ["extract", *SMALL_EXTRACT, "--coco-root", COCO_ROOT, "--split", "val2017", "--max-images", 10,
+            "--workers", 2, "--unit-images", 3, "--out", out]
+    proc = run_cli(*args, "--retries", 0, env={"MFDETR_FAULT": "extract.before_write:1:enospc"}, check=False)
+    assert proc.returncode == 2 and "work unit(s) failed after 0 retries" in proc.stderr, proc.stderr
+    assert "No space left on device" in proc.stderr and "images [" in proc.stderr
+    partial = FeatureCache.open(out).status()
+    assert 0 < int((partial == DONE).sum()) < 10  # the units that did not fail are kept
+    run_cli(*args)
+    _assert_same_store(out, small_caches["val"])
+    proc = run_cli("extract", *SMALL_EXTRACT, "--coco-root", COCO_ROOT, "--split", "val2017", "--max-images", 1,
+                   "--scheduler", "tcp://127.0.0.1:9", "--out", tmp_path / "s.zarr", check=False)
+    assert proc.returncode == 2 and "--scheduler tcp://127.0.0.1:9: cannot reach the dask scheduler" in proc.stderr

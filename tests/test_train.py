@@ -163,7 +163,7 @@ def test_hdetr_r50_extract_then_train_head_reads_widths_from_the_cache(tmp_path)
     assert fp["detector"] == "hdetr-r50" and fp["feature_widths"] == {"c1_channels": 256, "num_feature_levels": 4}
     assert fp["detector_config"]["num_queries_one2one"] == 300  # the release preset
     rec = FeatureCache.open(cache).read(0, encoder_layer=4)
-    assert rec["c1"].shape[0] == 256 and rec["spatial_shapes"].shape == (4, 2)
+    assert rec.c1.shape[0] == 256 and rec.spatial_shapes.shape == (4, 2)
     run = tmp_path / "run"
     small = ["head.image_encoder_layers=1", "head.box_dim=64", "head.box_encoder_layers=1", "head.num_points=1024"]
     run_cli("train-head", "--cache", cache, "--config", REPO / "configs" / "mfdetr_hdetr_r50.yaml",

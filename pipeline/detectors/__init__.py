@@ -82,7 +82,7 @@ def describe_detectors(height: int = 800, width: int = 1333, top_k: int = 100, e
             nbytes = bytes_per_image(top_k=min(top_k, model.num_queries), hidden_dim=model.hidden_dim,
                                      num_classes=model.num_classes, num_levels=len(shapes),
                                      num_tokens=int(shapes.prod(1).sum()), c1_numel=model.c1_channels * h1 * w1,
-                                     num_encoder_layers=encoder_layers, dtype=dtype)
+                                     num_encoder_layers=encoder_layers, dtype=dtype, c1_channels=model.c1_channels)
             rel = releases.get(preset, {})
             rows.append({"detector": name, "preset": preset, "release": bool(rel),
                          "checkpoint": rel.get("checkpoint", ""), "box_ap": rel.get("box_ap"),

@@ -1,8 +1,8 @@
 """The interface every frozen detector implements, and the per-image record it returns.
 
 Stage one (``pipeline/extract.py``) only talks to detectors through :class:`Detector` and
-:class:`Extracted`; the cache (``pipeline/cache.py``) stores the fields of :class:`Extracted`
-and never sees a model.
+:class:`~pipeline.record.SampleRecord`, the one record type between the stages; the cache
+(``pipeline/cache.py``) stores it and never sees a model.
 """
 
 from __future__ import annotations
@@ -13,47 +13,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-
-@dataclass
-class Extracted:
-    """What the frozen detector gives for ONE image, with batch padding cropped away.
-
-    All float tensors share one dtype (the detector's: float32, or float64 under ``.double()``).
-
-    Attributes:
-        queries: ``[K, D]`` the top-K object queries of the LAST decoder layer (the ``hs[-1]``
-            the class/box heads read: after DINO's final decoder LayerNorm; H-DETR has none),
-            ranked by their best class score (descending). D = hidden dim (256).
-        logits: ``[K, C]`` class logits (pre-sigmoid) of those queries. For DINO C = 91 and the
-            column index is the raw COCO ``category_id`` (column 0 and unused ids are dummies).
-        boxes: ``[K, 4]`` boxes, **cxcywh normalized** to the valid (unpadded) resized image,
-            i.e. to the whole original image as well.
-        query_index: ``[K]`` int64, index of each kept query among the detector's queries.
-        encoder_tokens: ``{layer: [S, D]}`` Transformer-encoder output after encoder layer
-            ``layer`` (counted from 1; ``num_encoder_layers`` = the memory the decoder reads),
-            flattened multi-scale tokens of the valid region only, levels concatenated in
-            ``spatial_shapes`` order, row-major (y, x) within a level.
-        spatial_shapes: ``[L, 2]`` int64 ``(H_l, W_l)`` of the valid region at each level
-            (sum of ``H_l * W_l`` = S).
-        level_start_index: ``[L]`` int64 start of each level in the flattened tokens.
-        valid_ratios: ``[L, 2]`` float ``(w_ratio, h_ratio)`` of the valid region inside the
-            padded map, as the detector computed them (Deformable-DETR ``get_valid_ratio``);
-            all ones when the image was not padded. After cropping the stored tokens are a
-            full (unpadded) map, so a consumer of the cache uses ratio 1.
-        c1: ``[C1, H1, W1]`` backbone stride-4 map (FocalNet-L stage 1: 192 channels; ResNet-50
-            res2: 256; Swin-L stage 1: 192), the ``C1`` of the paper's Eq. 1/5, valid region only.
-    """
-
-    queries: Tensor
-    logits: Tensor
-    boxes: Tensor
-    query_index: Tensor
-    encoder_tokens: dict[int, Tensor]
-    spatial_shapes: Tensor
-    level_start_index: Tensor
-    valid_ratios: Tensor
-    c1: Tensor
-    extras: dict = field(default_factory=dict)
+from pipeline.record import SampleRecord
 
 
 @dataclass
@@ -138,8 +98,8 @@ class Detector(Protocol):
 
     def extract(
         self, images: Tensor, mask: Tensor, encoder_layers: list[int], top_k: int
-    ) -> list[Extracted]:
-        """Run the frozen forward on a padded batch and return one :class:`Extracted` per image.
+    ) -> list[SampleRecord]:
+        """Run the frozen forward on a padded batch and return one :class:`~pipeline.record.SampleRecord` per image.
 
         Args:
             images: ``[B, 3, H, W]`` float, ImageNet-normalised RGB, zero-padded.

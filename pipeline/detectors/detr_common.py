@@ -6,7 +6,7 @@ What is here is the same arithmetic in FocalNet-DINO (commit 23901e0, ``models/d
 ``models/deformable_detr.py``): the clamped inverse sigmoid, the ReLU MLP heads, the 2-D sine
 position embedding (with the two families' options), the sine embedding of boxes, the two-stage
 encoder proposals, the post-norm deformable encoder stack and decoder layer, the official mask
-resizing, the COCO category ids, and the per-image :class:`~pipeline.detectors.base.Extracted`
+resizing, the COCO category ids, and the per-image :class:`~pipeline.record.SampleRecord`
 record built from a padded forward.  The valid-ratio and reference-point helpers live in
 :mod:`pipeline.layers.deformable` (the mask head uses them too).
 
@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.detectors.base import Extracted, crop_tokens
+from pipeline.detectors.base import crop_tokens
+from pipeline.record import SampleRecord
 from pipeline.layers.deformable import (
     DeformableEncoderLayer,
     MSDeformAttn,
@@ -387,8 +388,8 @@ def build_input_proj(channels: Sequence[int], hidden_dim: int, num_feature_level
     return nn.ModuleList(proj)
 
 
-def extract_records(out: dict, c1: Tensor, c1_mask: Tensor, encoder_layers: list[int], top_k: int) -> list[Extracted]:
-    """One :class:`~pipeline.detectors.base.Extracted` per image from a padded batch forward.
+def extract_records(out: dict, c1: Tensor, c1_mask: Tensor, encoder_layers: list[int], top_k: int) -> list[SampleRecord]:
+    """One :class:`~pipeline.record.SampleRecord` per image from a padded batch forward.
 
     Queries are ranked by their best sigmoid class score over all columns (descending, stable
     sort, so ties keep query order) and the first ``top_k`` are kept.  Encoder tokens and ``c1``
@@ -412,7 +413,7 @@ def extract_records(out: dict, c1: Tensor, c1_mask: Tensor, encoder_layers: list
         order = torch.sort(scores, descending=True, stable=True).indices[:top_k]
         valid = torch.tensor([valid_hw(m[b]) for m in out["masks"]], dtype=torch.long)
         h1, w1 = valid_hw(c1_mask[b])
-        records.append(Extracted(
+        records.append(SampleRecord(
             queries=out["hs_last"][b, order].clone(),
             logits=out["pred_logits"][b, order].clone(),
             boxes=out["pred_boxes"][b, order].clone(),

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from pipeline.detectors.base import Extracted, KeyReport
+from pipeline.detectors.base import KeyReport
+from pipeline.record import SampleRecord
 from pipeline.detectors.checkpoint import load_checkpoint as _load_checkpoint_file
 from pipeline.detectors.detr_common import (
     COCO_CATEGORY_IDS,
@@ -227,8 +228,8 @@ class DINOFocalNet(nn.Module):
                              for i in range(hs.shape[0])])
         return logits, boxes
 
-    def extract(self, images: Tensor, mask: Tensor, encoder_layers: list[int], top_k: int) -> list[Extracted]:
-        """Frozen forward (under ``torch.inference_mode``) -> one :class:`Extracted` per image.
+    def extract(self, images: Tensor, mask: Tensor, encoder_layers: list[int], top_k: int) -> list[SampleRecord]:
+        """Frozen forward (under ``torch.inference_mode``) -> one :class:`~pipeline.record.SampleRecord` per image.
 
         Queries are ranked by their best sigmoid class score over all columns (descending, stable
         sort, so ties keep query order) and the first ``top_k`` are kept.  Encoder tokens and

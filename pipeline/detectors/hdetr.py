@@ -44,7 +44,8 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 
-from pipeline.detectors.base import Extracted, KeyReport
+from pipeline.detectors.base import KeyReport
+from pipeline.record import SampleRecord
 from pipeline.detectors.checkpoint import load_checkpoint as _load_checkpoint_file
 from pipeline.detectors.detr_common import (
     COCO_CATEGORY_IDS,
@@ -476,8 +477,8 @@ class HDETR(nn.Module):
                              for i in range(hs.shape[0])])
         return logits, boxes
 
-    def extract(self, images: Tensor, mask: Tensor, encoder_layers: list[int], top_k: int) -> list[Extracted]:
-        """Frozen forward (under ``torch.inference_mode``) -> one :class:`Extracted` per image.
+    def extract(self, images: Tensor, mask: Tensor, encoder_layers: list[int], top_k: int) -> list[SampleRecord]:
+        """Frozen forward (under ``torch.inference_mode``) -> one :class:`~pipeline.record.SampleRecord` per image.
 
         As :meth:`pipeline.detectors.dino_focalnet.DINOFocalNet.extract` (see
         :func:`pipeline.detectors.detr_common.extract_records`); ``c1`` is ResNet's res2 / Swin's stage 0.

@@ -21,7 +21,7 @@ from pipeline.cache import DONE, PENDING, FeatureCache
 from pipeline.evaluate import RESULTS_FILE
 from pipeline.train import load_checkpoint
 
-from ..conftest import COCO_ROOT, SMALL_HEAD, require_coco, run_cli
+from ..conftest import COCO_ROOT, SMALL_HEAD, records_equal, require_coco, run_cli
 
 # Two real val2017 images through the reduced detector at a small size: seconds per run.
 TINY = ["--detector", "dino-focalnet", "--preset", "golden-small", "--random-init", "--min-size", "128",
@@ -61,8 +61,7 @@ def summary_of(proc) -> dict:
 
 def image_equal(a, b, i: int) -> bool:
     """Image ``i`` reads back identically from two stores."""
-    ra, rb = FeatureCache.open(a).read(i, 6), FeatureCache.open(b).read(i, 6)
-    return all(torch.equal(ra[k], rb[k]) if isinstance(ra[k], torch.Tensor) else ra[k] == rb[k] for k in ra)
+    return records_equal(FeatureCache.open(a).read(i, 6), FeatureCache.open(b).read(i, 6))
 
 
 @pytest.fixture(scope="module")
