@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.head import (MaskCriterion, dice_loss, mask_iou, mask_targets_in_boxes, point_sample,
+from pipeline.head import (HeadConfig, MaskCriterion, dice_loss, mask_iou, mask_targets_in_boxes, point_sample,
                            sigmoid_bce_loss, uncertain_point_coords_with_randomness)
 
 
@@ -126,7 +126,7 @@ def test_criterion_deterministic_with_generator_and_empty():
 def test_criterion_upcasts_bf16_and_exposes_matcher():
     from pipeline.head import HungarianMatcher, build_head
 
-    _, crit, _ = build_head({"c1_channels": 192, "num_feature_levels": 5, "target_size": 56, "num_points": 64})
+    _, crit, _ = build_head(HeadConfig.from_dict({"c1_channels": 192, "num_feature_levels": 5, "target_size": 56, "num_points": 64}))
     assert crit.mask_target_size == 56 and isinstance(crit.matcher, HungarianMatcher)
     logits = torch.randn(2, 32, 32).bfloat16()
     out = crit({"mask_logits": logits, "iou_pred": torch.rand(2, 80).bfloat16()},

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pipeline.head
-from pipeline.head import build_head
+from pipeline.head import HeadConfig, build_head
 
 from ._synthetic import DINO_WIDTHS, fake_image, random_boxes
 
@@ -21,7 +21,7 @@ def _encode(head, sizes, seed=0):
 @pytest.fixture(scope="module")
 def default_head():
     torch.manual_seed(0)
-    head, criterion, post = build_head(DINO_WIDTHS)
+    head, criterion, post = build_head(HeadConfig.from_dict(DINO_WIDTHS))
     return head.eval(), criterion, post
 
 
@@ -80,7 +80,7 @@ def test_roi_geometry_box_frame():
     """A parameter-free head (Table 1 baseline) reads F = x-ramp; the logits are the bin centres."""
     cfg = {**DINO_WIDTHS, "image_encoder_layers": 0, "neck": False, "fuse_c1": False, "box_dim": 256, "box_encoder_layers": 0,
            "box_pos_embed": False, "query_ffn": False, "query_b2o": False, "mask_scoring": False, "roi_size": 8}
-    head, _, _ = build_head(cfg)
+    head, _, _ = build_head(HeadConfig.from_dict(cfg))
     assert sum(p.numel() for p in head.parameters()) == 0
     h1, w1, img_h, img_w = 20, 30, 80.0, 120.0
     feat = torch.zeros(256, h1, w1, dtype=torch.float64)
@@ -103,7 +103,7 @@ def test_roi_geometry_box_frame():
 def test_gradients_reach_every_parameter():
     """Default architecture: one backward of the full loss reaches every parameter (no unused ones)."""
     torch.manual_seed(1)
-    head, criterion, _ = build_head({**DINO_WIDTHS, "num_points": 1024})  # fewer loss points; same architecture
+    head, criterion, _ = build_head(HeadConfig.from_dict({**DINO_WIDTHS, "num_points": 1024}))  # fewer loss points; same architecture
     head.train()
     feats = _encode(head, [(48, 64), (56, 48)])
     m = 4
@@ -125,7 +125,7 @@ def test_gradients_reach_every_parameter():
     {**SMALL, "num_feature_levels": 4, "c1_channels": 256, "neck": False},
 ])
 def test_ablation_variants_run(overrides):
-    head, criterion, _ = build_head(overrides)
+    head, criterion, _ = build_head(HeadConfig.from_dict(overrides))
     levels = overrides.get("num_feature_levels", 5)
     c1ch = overrides.get("c1_channels", 192)
     feats = [head.encode_image(*fake_image(48, 64, levels=levels, c1_channels=c1ch))]
@@ -140,8 +140,8 @@ def test_ablation_variants_run(overrides):
 
 def test_float64_matches_float32():
     torch.manual_seed(0)
-    head32, criterion, _ = build_head(SMALL)
-    head64, _, _ = build_head(SMALL)
+    head32, criterion, _ = build_head(HeadConfig.from_dict(SMALL))
+    head64, _, _ = build_head(HeadConfig.from_dict(SMALL))
     head64.load_state_dict(head32.state_dict())
     head64 = head64.double()
     img = fake_image(48, 64)

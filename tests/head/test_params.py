@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.head import build_head, count_parameters, parameter_table
+from pipeline.head import HeadConfig, build_head, count_parameters, parameter_table
 
 from ._synthetic import DINO_WIDTHS, HDETR_R50_WIDTHS
 
@@ -14,15 +14,15 @@ NECK_192 = 192 * 256 + 256 + 2 * 256  # PWConv(192, 256) + GroupNorm(32, 256) = 
 
 @pytest.mark.parametrize("layers,printed,exact", TABLE16)
 def test_table16_rows_without_neck(layers, printed, exact):
-    head, _, _ = build_head({**DINO_WIDTHS, "neck": False, "fuse_c1": False, "image_encoder_layers": layers[0],
-                             "box_encoder_layers": layers[1]})
+    head, _, _ = build_head(HeadConfig.from_dict({**DINO_WIDTHS, "neck": False, "fuse_c1": False, "image_encoder_layers": layers[0],
+                             "box_encoder_layers": layers[1]}))
     n = count_parameters(head)
     assert round(n / 1e6, 2) == printed
     assert n == exact
 
 
 def test_default_config_total():
-    head, _, _ = build_head(DINO_WIDTHS)
+    head, _, _ = build_head(HeadConfig.from_dict(DINO_WIDTHS))
     n = count_parameters(head)
     print(f"default head parameters: {n:,}")
     assert NECK_192 == 49_920
@@ -58,10 +58,10 @@ T4 = {**HDETR, "neck": False, "image_encoder_layers": 2, "query_ffn": False, "qu
     ({**HDETR, "image_encoder_layers": 2, "mask_head": "segmenter"}, 3.29),  # Table 14
 ])
 def test_hdetr_ablation_rows(overrides, printed):
-    head, _, _ = build_head(overrides)
+    head, _, _ = build_head(HeadConfig.from_dict(overrides))
     assert round(count_parameters(head) / 1e6, 2) == printed
 
 
 def test_hdetr_default_exact():
-    head, _, _ = build_head({**HDETR, "image_encoder_layers": 2})
+    head, _, _ = build_head(HeadConfig.from_dict({**HDETR, "image_encoder_layers": 2}))
     assert count_parameters(head) == 3_261_712

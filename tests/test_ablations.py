@@ -1,0 +1,108 @@
+"""Every ablation row of the paper from configs/ablations/: ▲#params against the paper's tables,
+▲FLOPs of one row, and two different ablations plus the training-free baseline run from ONE
+cache of real images (the session's small cache; no detector is built here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.ablations import DEFAULT_TARGETS, config_cost, load_targets, paper_row
+from pipeline.config import load_config
+from pipeline.inference import evaluate_cache
+from pipeline.train import train
+
+from .conftest import REPO, run_cli, skip_or_fail_without
+
+ABLATIONS = sorted((REPO / "configs" / "ablations").glob("*.yaml"))
+TOLERANCE = 0.03
+#: rows whose ▲#params we do not reproduce within TOLERANCE, with why (none today; the Table 5
+#: O2O row is the closest call, -2.7 %, and says why in its YAML's paper.excuse).
+EXCUSED: dict[tuple[int, str], str] = {}
+
+
+@pytest.fixture(scope="module")
+def targets():
+    skip_or_fail_without(DEFAULT_TARGETS, "paper targets (shared/papers/ablation-targets.json)")
+    return load_targets()
+
+
+def test_every_paper_row_with_params_has_a_config_within_3_percent(targets):
+    covered, report = set(), []
+    for path in ABLATIONS:
+        cfg = load_config(path)
+        assert cfg.paper is not None and cfg.widths is not None, f"{path.name}: needs paper: and widths:"
+        row = paper_row(cfg, targets)  # raises unless the row text is the JSON's exactly
+        covered.add((cfg.paper["table"], cfg.paper["row"]))
+        if row.get("params_delta_M") is None:
+            continue
+        ours = config_cost(cfg, flops=False)["params_delta_M"]
+        paper = row["params_delta_M"]
+        rel = 0.0 if paper == ours == 0 else abs(ours / paper - 1) if paper else float("inf")
+        report.append(f"{path.name}: ours {ours:.4f} M, paper {paper} M ({rel:+.2%})")
+        if (cfg.paper["table"], cfg.paper["row"]) in EXCUSED:
+            continue
+        assert rel <= TOLERANCE, f"{path.name}: ▲#params {ours:.4f} M vs the paper's {paper} M ({rel:.2%})"
+        if rel > 0.01:
+            assert "excuse" in cfg.paper, f"{path.name}: off by {rel:.2%}; say why in paper.excuse"
+    print("\n".join(report))
+    stated = {key for key, row in targets.items() if row.get("params_delta_M") is not None}
+    assert len(stated) == 43
+    assert stated - covered - set(EXCUSED) == set(), "paper rows with ▲#params and no config"
+
+
+def test_params_json_reports_params_flops_widths_and_modules(targets):
+    out = json.loads(run_cli("params", "--config", REPO / "configs" / "ablations" / "t12_final.yaml", "--json").stdout)
+    assert out["widths"] == {"detector": "hdetr-r50", "c1_channels": 256, "num_feature_levels": 4}
+    assert out["params"] == 3_261_712 and sum(out["modules"].values()) == out["params"]
+    assert out["paper"]["params_delta_M"] == 3.26 and out["paper"]["table"] == 12
+    # the matmuls/convs of the head at 800 x 1333, 100 boxes: the paper prints 82.09 G (it counts
+    # RoIAlign and sampling too, which flop_counter does not; we land within 10 %)
+    assert abs(out["flops_delta_G"] / 82.09 - 1) < 0.10
+    assert out["flops_by_module_G"]["mask_scoring"] == pytest.approx(5.01, abs=0.02)  # paper: 5.02 G
+    assert set(out["flops_by_module_G"]) <= set(out["modules"])
+
+
+def _small(path: Path, extra=()):
+    """An ablation config shrunk for the golden-small cache (16-channel C1, 5 levels): no C1
+    fusion (a 16-channel C1 cannot be added without a neck), 16 x 16 RoIs, few loss points."""
+    return load_config(path, ["head.fuse_c1=false", "head.roi_size=16", "head.num_points=256", "head.target_size=32",
+                              "train.max_iters=3", "train.batch_size=2", "train.log_every=1", *extra])
+
+
+def test_two_ablations_train_from_one_cache_and_the_baseline_evaluates(tmp_path, small_caches, monkeypatch):
+    import pipeline.detectors
+
+    def no_detector(*args, **kwargs):
+        raise AssertionError("stage two built a detector")
+
+    for name in list(pipeline.detectors.DETECTORS):  # any detector construction in this process fails the test
+        monkeypatch.setitem(pipeline.detectors.DETECTORS, name, no_detector)
+    losses = {}
+    for name, extra in (("t2_swin1", ["head.image_encoder_window=7"]), ("t3_convnext1", [])):
+        cfg = _small(REPO / "configs" / "ablations" / f"{name}.yaml", extra)
+        result = train(cfg, small_caches["train"], tmp_path / name, device="cpu", progress=False)
+        assert result["step"] == 3
+        lines = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [l["loss"] for l in lines if "loss" in l]
+        assert len(losses[name]) == 3 and all(torch.isfinite(torch.tensor(losses[name])))
+        ckpt = torch.load(tmp_path / name / "head.pt", weights_only=True)
+        assert ckpt["config"]["paper"]["table"] == int(name[1])
+    assert any(k.startswith("image_encoder.layers.0.attn.relative_position_bias_table")
+               for k in torch.load(tmp_path / "t2_swin1" / "head.pt", weights_only=True)["head"])
+    assert any(k.startswith("box_encoder.layers.0.block.0")  # the 7x7 depth-wise conv of a ConvNeXt block
+               for k in torch.load(tmp_path / "t3_convnext1" / "head.pt", weights_only=True)["head"])
+    # the training-free baseline (Table 1, RoIAlign on, C1 fusion off): evaluated from the cache, no training
+    run_cli("evaluate", "--head", "baseline", "--config", REPO / "configs" / "ablations" / "t1_roialign_on_quarter_off.yaml",
+            "--cache", small_caches["val"], "--device", "cpu", "--out", tmp_path / "baseline")
+    metrics = json.loads((tmp_path / "baseline" / "metrics.json").read_text())
+    results = json.loads((tmp_path / "baseline" / "coco_instances_results.json").read_text())
+    assert "segm" in metrics and results and all(0.0 <= r["score"] <= 1.0 for r in results)
+    # a trainable config is not a baseline
+    proc = run_cli("evaluate", "--head", "baseline", "--config", REPO / "configs" / "ablations" / "t2_convnext1.yaml",
+                   "--set", "head.fuse_c1=false", "--cache", small_caches["val"], "--device", "cpu",
+                   "--out", tmp_path / "nope", check=False)
+    assert proc.returncode == 2 and "trainable parameters" in proc.stderr
