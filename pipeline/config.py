@@ -38,6 +38,10 @@ class TrainConfig:
             ground-truth boxes, each with the query matched to it (an upper bound of mask
             quality independent of the detector).
         encoder_layer: which cached encoder layer feeds the image encoder (Table 15: #4).
+        num_queries: queries per image used in training and evaluation: the first (best-scored;
+            the cache stores them by descending class score) ``num_queries`` of the cached ones;
+            None = all cached (``extract --top-k``; the paper's "top ~100"). More than the cache
+            holds is refused before training.
         seed: seeds data order and point sampling; with ``deterministic`` a CPU run repeats.
         num_workers: DataLoader worker processes (spawned; each opens the store itself).
         amp: autocast (bfloat16) on CUDA; ignored on CPU.
@@ -57,6 +61,7 @@ class TrainConfig:
     clip_grad_norm: float = 0.1
     boxes: str = "pred"
     encoder_layer: int = 4
+    num_queries: int | None = None
     seed: int = 0
     num_workers: int = 0
     amp: bool = True

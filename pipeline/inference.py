@@ -21,7 +21,8 @@ from .config import Config
 from .evaluate import evaluate_coco, instances_to_coco_json, paste_masks
 from .head import build_head, build_matcher, build_postprocess, count_parameters
 from .head.model import mask_frame_boxes
-from .targets import match_image
+from .cache_requirements import check_cache_supports
+from .targets import limit_queries, match_image
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def predict_batch(head, postprocess, items: list[dict], maps: dict, cfg: Config,
     """
     if boxes not in ("pred", "gt"):
         raise ValueError(f"boxes must be 'pred' or 'gt', got {boxes!r}")
+    items = limit_queries(items, cfg.train.num_queries)
     feats = image_features(head, items, device)
     sizes = torch.tensor([it["size"] for it in items], dtype=torch.float32, device=device)
     queries, sel_boxes, bidx, chosen = [], [], [], []
@@ -121,6 +123,7 @@ def evaluate_cache(head, cfg: Config, cache_path, out_dir, *, device="cpu", boxe
     """
     impl_info = kernel_ops.configure(impl) if impl is not None else kernel_ops.describe_impl()
     cache = FeatureCache.open(cache_path, expected=expected_fingerprint)
+    check_cache_supports(cfg, cache, cache_path)
     ann = annotation_file(cache.fingerprint, ann_file)
     coco = data.load_coco(ann, require_annotations=not format_only)
     maps = category_maps(cache.fingerprint, coco)
@@ -156,7 +159,7 @@ def baseline_head(cfg: Config, cache_path):
             head that needs training is not a baseline), or widths contradicting the cache.
     """
     cache = FeatureCache.open(cache_path)
-    head = build_head(cfg.head.with_widths(**cache.feature_widths, source=str(cache_path)), cfg.evaluate.top_n)[0]
+    head = build_head(check_cache_supports(cfg, cache, cache_path), cfg.evaluate.top_n)[0]
     n = count_parameters(head)
     if n:
         raise ValueError(f"--head baseline: the config's head has {n:,} trainable parameters; the baseline must "

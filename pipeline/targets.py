@@ -15,6 +15,21 @@ from .head import mask_targets_in_boxes
 from .head.model import mask_frame_boxes
 
 
+QUERY_KEYS = ("queries", "logits", "boxes", "query_index")
+
+
+def limit_queries(items: list[dict], num_queries: int | None) -> list[dict]:
+    """Keep the first ``num_queries`` cached queries of each sample (``train.num_queries``).
+
+    The cache stores queries by descending class score, so these are the best-scored ones.
+    ``None`` returns ``items`` unchanged; otherwise shallow copies with ``queries``, ``logits``,
+    ``boxes`` and ``query_index`` cut to ``[:num_queries]``.
+    """
+    if num_queries is None:
+        return items
+    return [{**it, **{k: it[k][:num_queries] for k in QUERY_KEYS if k in it}} for it in items]
+
+
 def match_image(matcher, item: dict, column_of: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Hungarian matching of one image's cached predictions to its non-crowd ground truth.
 

@@ -30,7 +30,8 @@ from .checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, save_config
 from .faults import fault_point
 from .head import build_head
-from .targets import training_targets
+from .cache_requirements import check_cache_supports
+from .targets import limit_queries, training_targets
 from .utils import WriterLock, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -118,18 +119,12 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     cache = FeatureCache.open(cache_path)
-    if tc.encoder_layer not in cache.encoder_layers:
-        raise CacheError(f"{cache_path}: train.encoder_layer={tc.encoder_layer} is not stored "
-                         f"(cache has encoder layers {cache.encoder_layers}; re-extract with --encoder-layers)")
+    head_cfg = check_cache_supports(cfg, cache, cache_path)  # refuses what the cache lacks, before training
     if val_cache is not None:
         FeatureCache.open(val_cache, expected=cache.fingerprint)  # refuse a stale/foreign val cache early
     ann = annotation_file(cache.fingerprint, ann_file)
     coco = data.load_coco(ann)
     maps = category_maps(cache.fingerprint, coco)
-    try:
-        head_cfg = cfg.head.with_widths(**cache.feature_widths, source=str(cache_path))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     cfg = dataclasses.replace(cfg, head=head_cfg)  # the resolved config is what runs and is saved
     if getattr(head_cfg, "mask_scoring", False) and head_cfg.num_score_classes < maps["num_categories"]:
         raise ValueError(f"head.num_score_classes={head_cfg.num_score_classes} < {maps['num_categories']} "
@@ -145,6 +140,9 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
     iters_per_epoch = math.ceil(len(indices) / tc.batch_size)
     total = tc.max_iters if tc.max_iters is not None else tc.epochs * iters_per_epoch
     params = [p for p in head.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the config's head has no trainable parameters (a training-free baseline): evaluate it "
+                          "with `cli.py evaluate --head baseline --config FILE --cache CACHE`")
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     milestones = sorted({max(1, int(round(f * total))) for f in tc.lr_drops})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=tc.lr_drop_factor)
@@ -191,6 +189,7 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
                             multiprocessing_context="spawn" if tc.num_workers > 0 else None,
                             persistent_workers=False)
         for items in loader:
+            items = limit_queries(items, tc.num_queries)
             targets = training_targets(items, matcher, maps, tc.boxes, head_cfg)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
                 feats = image_features(head, items, dev)

@@ -106,3 +106,22 @@ def test_two_ablations_train_from_one_cache_and_the_baseline_evaluates(tmp_path,
                    "--set", "head.fuse_c1=false", "--cache", small_caches["val"], "--device", "cpu",
                    "--out", tmp_path / "nope", check=False)
     assert proc.returncode == 2 and "trainable parameters" in proc.stderr
+
+
+def test_configs_needing_what_the_cache_lacks_are_refused_before_training(tmp_path, small_caches):
+    base = REPO / "configs" / "ablations" / "t16_img2_box2.yaml"
+    cases = [(["--set", "train.encoder_layer=2"], "--encoder-layers 2,4,6"),  # the cache stores layers 4 and 6
+             (["--set", "train.num_queries=300"], "--top-k 300"),  # it stores 30 queries per image
+             (["--set", "head.num_feature_levels=4"], "--detector dino-focalnet")]  # a 5-level cache
+    for extra, flag in cases:
+        out = tmp_path / flag.split()[0].strip("-")
+        proc = run_cli("train-head", "--config", base, *extra, "--cache", small_caches["train"], "--device", "cpu",
+                       "--max-iters", 1, "--out", out, check=False)
+        assert proc.returncode == 2 and flag in proc.stderr, proc.stderr
+        assert not (out / "checkpoint.pt").exists() and not (out / "metrics.jsonl").exists()
+    proc = run_cli("train-head", "--config", REPO / "configs" / "ablations" / "t2_none.yaml", "--set", "head.fuse_c1=false",
+                   "--cache", small_caches["train"], "--device", "cpu", "--out", tmp_path / "zero", check=False)
+    assert proc.returncode == 2 and "evaluate --head baseline" in proc.stderr
+    # fewer queries than stored is fine: the best-scored ones are used
+    cfg = _small(REPO / "configs" / "ablations" / "t16_img2_box2.yaml", ["train.num_queries=10", "train.max_iters=1"])
+    assert train(cfg, small_caches["train"], tmp_path / "ten", device="cpu", progress=False)["step"] == 1
