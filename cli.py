@@ -317,6 +317,36 @@ def params(config_path, overrides, widths_of, as_json, num_boxes, no_flops):
     click.echo(f"{'total':<40s} {total:>12,d}  ({total / 1e6:.2f} M)")
 
 
+# ------------------------------------------------------------------------------------- sweep
+@main.command()
+@click.option("--cache", required=True, type=click.Path(file_okay=False, path_type=Path), help="Training cache.")
+@click.option("--val-cache", required=True, type=click.Path(file_okay=False, path_type=Path), help="Validation cache.")
+@click.option("--configs", "patterns", required=True, multiple=True,
+              help="Config glob, e.g. 'configs/ablations/t2_*.yaml' (quote it; repeatable).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override applied to every config, e.g. a short schedule --set train.max_iters=50 (repeatable).")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda ...")
+@click.option("--no-flops", is_flag=True, help="Leave the ▲FLOPs column empty (it costs one head forward per config).")
+@click.option("--targets", type=click.Path(dir_okay=False, path_type=Path),
+              help="The paper's numbers (default ../shared/papers/ablation-targets.json).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Sweep directory.")
+@impl_option
+@friendly_errors
+def sweep(cache, val_cache, patterns, overrides, device, no_flops, targets, out, impl):
+    """Train and evaluate each config on the same cache (resumable) and write <out>/table.md with
+    the paper's numbers beside ours.
+
+    A finished config (its <out>/<name>/eval/metrics.json exists) is not redone; an interrupted one
+    resumes from its checkpoint. Every config is checked against the cache before the first trains.
+    """
+    from pipeline.sweep import run_sweep
+
+    table = run_sweep(cache, val_cache, list(patterns), out, overrides=list(overrides), device=device,
+                      flops=not no_flops, targets=targets, impl=impl)
+    click.echo(table.read_text())
+    click.echo(f"table: {table}")
+
+
 # --------------------------------------------------------------------------------- detectors
 @main.command()
 @click.option("--min-size", default=800, show_default=True, help="Image size the cache estimate assumes: shorter side.")

@@ -125,3 +125,32 @@ def test_configs_needing_what_the_cache_lacks_are_refused_before_training(tmp_pa
     # fewer queries than stored is fine: the best-scored ones are used
     cfg = _small(REPO / "configs" / "ablations" / "t16_img2_box2.yaml", ["train.num_queries=10", "train.max_iters=1"])
     assert train(cfg, small_caches["train"], tmp_path / "ten", device="cpu", progress=False)["step"] == 1
+
+
+def test_sweep_trains_each_config_once_and_writes_the_papers_table(tmp_path, small_caches):
+    configs = [REPO / "configs" / "ablations" / "t1_roialign_on_quarter_off.yaml",
+               REPO / "configs" / "ablations" / "t16_img2_box2.yaml"]
+    overrides = ["head.fuse_c1=false", "head.roi_size=16", "head.num_points=256", "head.target_size=32",
+                 "train.max_iters=2", "train.batch_size=2"]
+    sets = []
+    for s in overrides:
+        sets += ["--set", s]
+    args = ["sweep", "--cache", small_caches["train"], "--val-cache", small_caches["val"], "--no-flops",
+            "--device", "cpu", "--out", tmp_path / "sweep", *sets]
+    for c in configs:
+        args += ["--configs", c]
+    run_cli(*args)
+    table = (tmp_path / "sweep" / "table.md").read_text()
+    assert "RANDOM-INIT" in table
+    lines = {l.split("|")[1].strip(): l for l in table.splitlines() if l.startswith("| t")}
+    assert set(lines) == {"t1_roialign_on_quarter_off", "t16_img2_box2"}
+    t16 = [c.strip() for c in lines["t16_img2_box2"].split("|")[1:-1]]
+    # our ▲#params: the config as run (16 x 16 RoIs shrink the positional embedding and the IoU head's
+    # first Linear) at its widths: (DINO-FocalNet-L's, not the small cache's); then the paper's row
+    as_run = config_cost(load_config(configs[1], overrides), flops=False)["params_delta_M"]
+    assert t16[9] == f"{as_run:.2f}" == "2.95" and t16[-1] == "3.24" and t16[10] == "54.9"
+    assert not (tmp_path / "sweep" / "t1_roialign_on_quarter_off" / "head.pt").exists()  # evaluated, not trained
+    head = tmp_path / "sweep" / "t16_img2_box2" / "head.pt"
+    stamp = head.stat().st_mtime_ns
+    out = run_cli(*args).stdout  # second run: everything finished, nothing redone
+    assert head.stat().st_mtime_ns == stamp and "t16_img2_box2" in out

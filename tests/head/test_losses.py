@@ -132,3 +132,20 @@ def test_criterion_upcasts_bf16_and_exposes_matcher():
     out = crit({"mask_logits": logits, "iou_pred": torch.rand(2, 80).bfloat16()},
                {"masks": torch.rand(2, 56, 56), "labels": torch.tensor([1, 2])})
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+
+
+def test_full_mask_loss_is_bce_and_dice_over_every_target_pixel():
+    """Table 12 row 1: no point sampling; the R x R logits resized to the T x T targets."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 8, 8, generator=g, dtype=torch.float64)
+    masks = (torch.rand(3, 16, 16, generator=g) > 0.5).double()
+    crit = MaskCriterion(iou_weight=0.0, target_size=16, mask_loss="full")
+    out = crit({"mask_logits": logits}, {"masks": masks})
+    up = F.interpolate(logits[:, None], size=(16, 16), mode="bilinear", align_corners=False)[:, 0].flatten(1)
+    assert torch.allclose(out["loss_bce"], sigmoid_bce_loss(up, masks.flatten(1), 3))
+    assert torch.allclose(out["loss_dice"], dice_loss(up, masks.flatten(1), 3))
+    assert torch.allclose(out["loss"], 5 * out["loss_bce"] + 5 * out["loss_dice"])
+    with pytest.raises(ValueError, match="mask_loss"):
+        MaskCriterion(mask_loss="dense")

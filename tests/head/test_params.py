@@ -65,3 +65,21 @@ def test_hdetr_ablation_rows(overrides, printed):
 def test_hdetr_default_exact():
     head, _, _ = build_head(HeadConfig.from_dict({**HDETR, "image_encoder_layers": 2}))
     assert count_parameters(head) == 3_261_712
+
+
+def test_block_registry_counts_are_the_papers_blocks():
+    """params-reconstruction.md: Swin 795,592 (window 14) / 791,560 (window 8), ConvNeXt 539,136 at 256-d;
+    Swin blocks alternate unshifted / shifted windows."""
+    from pipeline.head.encoders import build_blocks
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    swin = build_blocks("swin", 2, 256, window=14)
+    assert [count(b) for b in swin] == [795_592, 795_592]
+    assert [b.attn.shift_size for b in swin] == [[0, 0], [7, 7]]
+    assert count(build_blocks("swin", 1, 256, window=8)[0]) == 791_560
+    assert count(build_blocks("convnext", 1, 256)[0]) == 539_136
+    assert count(build_blocks("deformable", 1, 256, n_levels=4, d_ffn=1024)[0]) == 756_864
+    with pytest.raises(ValueError, match="unknown encoder block kind"):
+        build_blocks("resnet", 1, 256)
