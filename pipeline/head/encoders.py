@@ -286,11 +286,6 @@ class QueryLayer(nn.Module):
             query = self.norm_ffn(query + self.dropout(ffn))
         return query
 
-    @property
-    def is_identity(self) -> bool:
-        """True when the layer has no component (Table 5 row 1)."""
-        return self.o2o is None and self.b2o is None and not self.use_ffn
-
 
 def upsample_to(x: Tensor, size: tuple[int, int]) -> Tensor:
     """Bilinear ``interpolate`` (align_corners=False) of ``[C, H, W]`` to ``size``; identity if equal."""
