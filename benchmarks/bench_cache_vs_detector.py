@@ -32,7 +32,7 @@ from pipeline.batches import CachedImages, annotation_file, category_maps, image
 from pipeline.cache import FeatureCache
 from pipeline.config import load_config
 from pipeline.extract import ExtractOptions, build_frozen_detector, run_extract
-from pipeline.head import HeadConfig, build_head
+from pipeline.head import build_head
 from pipeline.targets import training_targets
 from pipeline.train import image_sizes_of
 

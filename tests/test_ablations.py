@@ -12,7 +12,6 @@ import torch
 
 from pipeline.ablations import DEFAULT_TARGETS, config_cost, load_targets, paper_row
 from pipeline.config import load_config
-from pipeline.inference import evaluate_cache
 from pipeline.train import train
 
 from .conftest import REPO, run_cli, skip_or_fail_without

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.cache import FeatureCache
 from pipeline.config import ConfigError, load_config
-from pipeline.head import HeadConfig, build_head
+from pipeline.head import build_head
 from pipeline.inference import evaluate_cache
 from pipeline.checkpoint import load_checkpoint
 from pipeline.train import train
