@@ -4,13 +4,15 @@
 for each config (sorted by file name) ``DIR/<config stem>/`` is a :func:`pipeline.train.train`
 run directory (a config with no trainable parameter, the training-free baseline, is only
 evaluated). A config whose ``eval/metrics.json`` exists is finished and not redone; an
-interrupted one resumes from its ``checkpoint.pt``. ``DIR/table.md`` is rewritten after every
+interrupted one resumes from its ``checkpoint.pt``; a run directory written with another config
+(other overrides, an edited file) is refused. ``DIR/table.md`` is rewritten after every
 config: the paper's columns (AP, AP50, AP75, APs, APm, APl, ▲FLOPs, ▲#params) for our run,
 then the paper's own numbers of the same row.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from .ablations import METRIC_COLUMNS, config_cost, load_targets, paper_row
 from .cache import RANDOM_INIT_BANNER, FeatureCache
-from .config import load_config
+from .config import ConfigError, config_from_dict, load_config, save_config
 from .utils import write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,8 @@ def run_sweep(cache: str | Path, val_cache: str | Path, configs: list[str], out:
     cfgs = {}
     for path in paths:  # refuse every unusable config before anything trains
         cfg = load_config(path, overrides)
-        check_cache_supports(cfg, train_cache, cache)
+        resolved = dataclasses.replace(cfg, head=check_cache_supports(cfg, train_cache, cache))
+        _check_same_config(resolved, out / path.stem)
         cfgs[path] = cfg
     try:
         paper = load_targets(targets)
@@ -93,6 +96,7 @@ def run_sweep(cache: str | Path, val_cache: str | Path, configs: list[str], out:
             run.mkdir(parents=True, exist_ok=True)
             probe = build_head(check_cache_supports(cfg, train_cache, cache))[0]
             if count_parameters(probe) == 0:  # the training-free baseline: evaluate only
+                save_config(dataclasses.replace(cfg, head=probe.cfg), run / "config.yaml")
                 head = baseline_head(cfg, val_cache)
                 dev = resolve_device(device)
                 evaluate_cache(head.to(dev), cfg, val_cache, run / "eval", device=dev, boxes=cfg.train.boxes,
@@ -106,6 +110,23 @@ def run_sweep(cache: str | Path, val_cache: str | Path, configs: list[str], out:
                              cache=cache, overrides=overrides)
         write_bytes_atomic(out / "table.md", table.encode())
     return out / "table.md"
+
+
+def _check_same_config(resolved, run: Path) -> None:
+    """Refuse to reuse a run directory written with another config (finished or not).
+
+    Raises:
+        ConfigError: ``<run>/config.yaml`` differs from ``resolved`` (names the run).
+    """
+    import yaml
+
+    path = run / "config.yaml"
+    if not path.is_file():
+        return
+    previous = config_from_dict(yaml.safe_load(path.read_text()), where=str(path))
+    if json.dumps(previous.to_dict(), sort_keys=True) != json.dumps(resolved.to_dict(), sort_keys=True):
+        raise ConfigError(f"{run} was run with another config (other --set overrides or an edited file); "
+                          "use another --out, or delete that run directory to redo it")
 
 
 def _cost(cfg, run: Path, flops: bool) -> dict:

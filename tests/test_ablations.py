@@ -153,3 +153,6 @@ def test_sweep_trains_each_config_once_and_writes_the_papers_table(tmp_path, sma
     stamp = head.stat().st_mtime_ns
     out = run_cli(*args).stdout  # second run: everything finished, nothing redone
     assert head.stat().st_mtime_ns == stamp and "t16_img2_box2" in out
+    # the same --out with another schedule is refused (its finished runs would not be comparable)
+    proc = run_cli(*[a if a != "train.max_iters=2" else "train.max_iters=3" for a in args], check=False)
+    assert proc.returncode == 2 and "was run with another config" in proc.stderr
