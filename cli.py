@@ -283,33 +283,46 @@ def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batc
 # ---------------------------------------------------------------------------------- evaluate
 @main.command()
 @click.option("--cache", required=True, type=click.Path(file_okay=False, path_type=Path), help="Cache to evaluate.")
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path), help="head.pt")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="head.pt (with --head trained).")
+@click.option("--head", "head_kind", type=click.Choice(["trained", "baseline"]), default="trained", show_default=True,
+              help="trained = the head in --checkpoint; baseline = the training-free baseline of Eq. 1-4 "
+                   "(Table 1), built from --config with the cache's widths, no checkpoint.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path(__file__).parent / "configs" / "ablations" / "t1_roialign_on_quarter_on.yaml",
+              show_default=True, help="Config of the --head baseline (must have no trainable parameters).")
 @click.option("--boxes", type=click.Choice(["pred", "gt"]), help="Default: what the head was trained with.")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda ...")
 @click.option("--ann-file", type=click.Path(dir_okay=False, path_type=Path), help="Annotations, if moved.")
 @click.option("--format-only", is_flag=True, help="Write results json without ground truth (test-dev).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override evaluate.* fields, e.g. --set evaluate.top_n=50.")
+              help="Override evaluate.* fields, e.g. --set evaluate.top_n=50 (with --head baseline also head.*).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder for coco_instances_results.json and metrics.json.")
 @impl_option
 @friendly_errors
-def evaluate(cache, checkpoint, boxes, device, ann_file, format_only, overrides, out, impl):
-    """COCO mask (segm) and box AP of a trained head; writes results json and metrics.json."""
-    from pipeline.config import apply_overrides, config_from_dict
+def evaluate(cache, checkpoint, head_kind, config_path, boxes, device, ann_file, format_only, overrides, out, impl):
+    """COCO mask (segm) and box AP of a trained head (or of the training-free baseline); writes
+    results json and metrics.json."""
+    from pipeline.checkpoint import load_head
+    from pipeline.config import load_config
     from pipeline.evaluate import format_ap_table
-    from pipeline.head import HeadConfig, build_head
-    from pipeline.inference import evaluate_cache
-    from pipeline.train import load_checkpoint, resolve_device
+    from pipeline.inference import baseline_head, evaluate_cache
+    from pipeline.train import resolve_device
 
-    ckpt = load_checkpoint(checkpoint)
-    cfg = config_from_dict(apply_overrides(ckpt["config"], list(overrides)), where=str(checkpoint))
-    head = build_head(HeadConfig.from_dict(cfg.head))[0]
-    head.load_state_dict(ckpt["head"])
     dev = resolve_device(device)
-    head.to(dev)
+    if head_kind == "baseline":
+        if checkpoint is not None:
+            raise ValueError("--head baseline has no trained weights: drop --checkpoint")
+        cfg = load_config(config_path, list(overrides))
+        head, fingerprint = baseline_head(cfg, cache), None
+        head.to(dev)
+    else:
+        if checkpoint is None:
+            raise ValueError("--checkpoint is required with --head trained (or pass --head baseline)")
+        head, _, cfg, ckpt = load_head(checkpoint, list(overrides), device=dev)
+        fingerprint = ckpt["fingerprint"]
     metrics = evaluate_cache(head, cfg, cache, out, device=dev, boxes=boxes or cfg.train.boxes, ann_file=ann_file,
-                             format_only=format_only, expected_fingerprint=ckpt["fingerprint"], impl=impl)
+                             format_only=format_only, expected_fingerprint=fingerprint, impl=impl)
     if not format_only:
         click.echo(format_ap_table(metrics))
     click.echo(f"results: {Path(out) / 'coco_instances_results.json'}")
@@ -323,34 +336,75 @@ def evaluate(cache, checkpoint, boxes, device, ann_file, format_only, overrides,
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field (repeatable).")
 @click.option("--widths", "widths_of", metavar="DETECTOR[:PRESET]",
               help="Take the head's input widths (C1 channels, encoder levels) from this detector's cache layout, "
-                   "e.g. dino-focalnet, hdetr-r50, hdetr-swin-l (train-head reads them from the cache instead).")
+                   "e.g. dino-focalnet, hdetr-r50, hdetr-swin-l (default: the config's `widths:`; train-head reads "
+                   "them from the cache instead).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: params_delta_M, flops_delta_G (head FLOPs for --boxes boxes at the paper's "
+                   "800x1333 input, torch.utils.flop_counter, multiply-add = 1 FLOP), widths, per-module breakdown, "
+                   "and the paper's row when the config has a paper: entry.")
+@click.option("--boxes", "num_boxes", default=100, show_default=True, help="Boxes per image for the FLOP count.")
+@click.option("--no-flops", is_flag=True, help="Skip the FLOP count (it runs one head forward, seconds on a CPU).")
 @friendly_errors
-def params(config_path, overrides, widths_of):
-    """Count the trainable parameters of the head a config builds (the paper's ▲#params).
+def params(config_path, overrides, widths_of, as_json, num_boxes, no_flops):
+    """Count the trainable parameters (and FLOPs) of the head a config builds (the paper's ▲ columns).
 
-    The head's input widths depend on the detector, so name it with --widths (or set
-    head.c1_channels and head.num_feature_levels with --set).
+    The head's input widths depend on the detector, so name it with --widths or a `widths:` line in
+    the config (or set head.c1_channels and head.num_feature_levels with --set).
     """
+    from pipeline.ablations import config_cost, load_targets, paper_row
     from pipeline.config import load_config
-    from pipeline.head import HeadConfig, build_head, count_parameters, parameter_table
 
     cfg = load_config(config_path, list(overrides))
-    head_cfg = HeadConfig.from_dict(cfg.head)
-    if widths_of is not None:
-        from pipeline.detectors import detector_widths
-
-        name, _, preset = widths_of.partition(":")
-        head_cfg = head_cfg.with_widths(**detector_widths(name, preset or None), source=f"--widths {widths_of}")
-    elif not head_cfg.has_widths:
-        raise ValueError("the head's input widths depend on the detector: pass --widths DETECTOR "
-                         "(dino-focalnet, hdetr-r50, hdetr-swin-l) or --set head.c1_channels=... "
-                         "--set head.num_feature_levels=...")
-    click.echo(f"widths: c1_channels={head_cfg.c1_channels}, num_feature_levels={head_cfg.num_feature_levels}")
-    head = build_head(head_cfg)[0]
-    for name, n in parameter_table(head):
+    cost = config_cost(cfg, widths_of, flops=as_json and not no_flops, num_boxes=num_boxes)
+    if as_json:
+        row = None
+        if cfg.paper is not None:
+            try:
+                row = paper_row(cfg, load_targets())
+            except FileNotFoundError:
+                row = None
+        cost["paper"] = None if cfg.paper is None else {
+            **cfg.paper, **({"params_delta_M": row.get("params_delta_M"), "flops_delta_G": row.get("flops_delta_G"),
+                             "mask_ap": row.get("mask_ap")} if row else {})}
+        cost["config"] = str(config_path)
+        click.echo(json.dumps(cost, indent=1))
+        return
+    w = cost["widths"]
+    click.echo(f"widths: c1_channels={w['c1_channels']}, num_feature_levels={w['num_feature_levels']}")
+    for name, n in cost["modules"].items():
         click.echo(f"{name:<40s} {n:>12,d}")
-    total = count_parameters(head)
+    total = cost["params"]
     click.echo(f"{'total':<40s} {total:>12,d}  ({total / 1e6:.2f} M)")
+
+
+# ------------------------------------------------------------------------------------- sweep
+@main.command()
+@click.option("--cache", required=True, type=click.Path(file_okay=False, path_type=Path), help="Training cache.")
+@click.option("--val-cache", required=True, type=click.Path(file_okay=False, path_type=Path), help="Validation cache.")
+@click.option("--configs", "patterns", required=True, multiple=True,
+              help="Config glob, e.g. 'configs/ablations/t2_*.yaml' (quote it; repeatable).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override applied to every config, e.g. a short schedule --set train.max_iters=50 (repeatable).")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda ...")
+@click.option("--no-flops", is_flag=True, help="Leave the ▲FLOPs column empty (it costs one head forward per config).")
+@click.option("--targets", type=click.Path(dir_okay=False, path_type=Path),
+              help="The paper's numbers (default ../shared/papers/ablation-targets.json).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Sweep directory.")
+@impl_option
+@friendly_errors
+def sweep(cache, val_cache, patterns, overrides, device, no_flops, targets, out, impl):
+    """Train and evaluate each config on the same cache (resumable) and write <out>/table.md with
+    the paper's numbers beside ours.
+
+    A finished config (its <out>/<name>/eval/metrics.json exists) is not redone; an interrupted one
+    resumes from its checkpoint. Every config is checked against the cache before the first trains.
+    """
+    from pipeline.sweep import run_sweep
+
+    table = run_sweep(cache, val_cache, list(patterns), out, overrides=list(overrides), device=device,
+                      flops=not no_flops, targets=targets, impl=impl)
+    click.echo(table.read_text())
+    click.echo(f"table: {table}")
 
 
 # --------------------------------------------------------------------------------- detectors

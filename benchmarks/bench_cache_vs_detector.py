@@ -32,8 +32,9 @@ from pipeline.batches import CachedImages, annotation_file, category_maps, image
 from pipeline.cache import FeatureCache
 from pipeline.config import load_config
 from pipeline.extract import ExtractOptions, build_frozen_detector, run_extract
-from pipeline.head import HeadConfig, build_head
-from pipeline.train import image_sizes_of, training_targets
+from pipeline.head import build_head
+from pipeline.targets import training_targets
+from pipeline.train import image_sizes_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +68,7 @@ def main(coco_root, split, images, min_size, max_size, preset, impl):
             t_det += time.perf_counter() - t
         del detector
         cfg = load_config(REPO / "configs" / "mfdetr_dino_focalnet_l.yaml")
-        head, criterion, _ = build_head(HeadConfig.from_dict(cfg.head).with_widths(**cache.feature_widths))
+        head, criterion, _ = build_head(cfg.head.with_widths(**cache.feature_widths))
         maps = category_maps(cache.fingerprint, coco)
         ds = CachedImages(store, cache.done_indices(), 4, annotation_file(cache.fingerprint), with_gt=True)
         t_read = 0.0
@@ -80,7 +81,7 @@ def main(coco_root, split, images, min_size, max_size, preset, impl):
             for which in ("kernel", "reference"):
                 with ops.use_impl(impl if which == "kernel" else "reference"):
                     t = time.perf_counter()
-                    tg = training_targets([item], criterion.matcher, maps, "gt", criterion.mask_target_size)
+                    tg = training_targets([item], criterion.matcher, maps, "gt", head.cfg)
                     if tg is not None:
                         out = head(image_features(head, [item], "cpu"), tg["queries"], tg["boxes"],
                                    image_sizes_of([item]), tg["batch_index"])

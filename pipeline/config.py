@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from .head.config import HeadConfig
+
 
 class ConfigError(ValueError):
     """A config file or override that is not valid (the message names the file / key)."""
@@ -36,6 +38,10 @@ class TrainConfig:
             ground-truth boxes, each with the query matched to it (an upper bound of mask
             quality independent of the detector).
         encoder_layer: which cached encoder layer feeds the image encoder (Table 15: #4).
+        num_queries: queries per image used in training and evaluation: the first (best-scored;
+            the cache stores them by descending class score) ``num_queries`` of the cached ones;
+            None = all cached (``extract --top-k``; the paper's "top ~100"). More than the cache
+            holds is refused before training.
         seed: seeds data order and point sampling; with ``deterministic`` a CPU run repeats.
         num_workers: DataLoader worker processes (spawned; each opens the store itself).
         amp: autocast (bfloat16) on CUDA; ignored on CPU.
@@ -55,6 +61,7 @@ class TrainConfig:
     clip_grad_norm: float = 0.1
     boxes: str = "pred"
     encoder_layer: int = 4
+    num_queries: int | None = None
     seed: int = 0
     num_workers: int = 0
     amp: bool = True
@@ -81,15 +88,28 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    """The whole experiment: ``head`` is a plain dict validated by ``HeadConfig.from_dict``."""
+    """The whole experiment. ``head`` is parsed once, here, into a :class:`HeadConfig`; every
+    later stage receives that object (the widths are filled from the cache by ``train-head``)."""
 
-    head: dict = field(default_factory=dict)
+    head: HeadConfig = field(default_factory=HeadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    #: the paper row a config reproduces (``configs/ablations/``): ``{"table": int, "row": str}``
+    #: with the row's setting text exactly as in ``shared/papers/ablation-targets.json``, and
+    #: optionally ``"excuse"``: why its ▲#params cannot match the paper's (and by how much).
+    paper: dict | None = None
+    #: detector whose cache widths the row assumes (``hdetr-r50``, ``dino-focalnet``): what
+    #: ``cli.py params`` counts with when no ``--widths`` is given. Never overrides a cache's widths.
+    widths: str | None = None
 
     def to_dict(self) -> dict:
         """Plain nested dict (what checkpoints store and ``config_from_dict`` reads back)."""
-        return {"head": copy.deepcopy(self.head), "train": asdict(self.train), "evaluate": asdict(self.evaluate)}
+        out = {"head": self.head.to_dict(), "train": asdict(self.train), "evaluate": asdict(self.evaluate)}
+        if self.paper is not None:
+            out["paper"] = copy.deepcopy(self.paper)
+        if self.widths is not None:
+            out["widths"] = self.widths
+        return out
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -204,16 +224,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def config_from_dict(raw: dict, where: str = "config") -> Config:
     """Build a :class:`Config` from a raw dict (as stored in checkpoints and run dirs)."""
-    unknown = sorted(set(raw) - {"head", "train", "evaluate"})
+    unknown = sorted(set(raw) - {"head", "train", "evaluate", "paper", "widths"})
     if unknown:
-        raise ConfigError(f"{where}: unknown section(s) {unknown}; expected head, train, evaluate")
-    from .head import HeadConfig  # validated here so that errors name the config file
-
+        raise ConfigError(f"{where}: unknown section(s) {unknown}; expected head, train, evaluate (and paper, widths)")
+    paper = raw.get("paper")
+    if paper is not None and (not isinstance(paper, dict) or not isinstance(paper.get("table"), int)
+                              or not isinstance(paper.get("row"), str) or set(paper) - {"table", "row", "excuse"}):
+        raise ConfigError(f"{where}: paper must be {{table: <int>, row: <setting text>, [excuse: <why>]}}, got {paper!r}")
+    widths = raw.get("widths")
+    if widths is not None and not isinstance(widths, str):
+        raise ConfigError(f"{where}: widths must be a detector name (hdetr-r50, dino-focalnet, ...), got {widths!r}")
     head = dict(raw.get("head") or {})
     head_defaults = HeadConfig()
     head = {k: _coerce(getattr(head_defaults, k, None), v, f"{where}: head.{k}") for k, v in head.items()}
     try:
-        HeadConfig.from_dict(head)
+        head_cfg = HeadConfig.from_dict(head)  # the one place a head config is parsed
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: head: {e}") from None
     evaluate = _dataclass_from(EvalConfig, raw.get("evaluate") or {}, f"{where}: evaluate")
@@ -222,8 +247,8 @@ def config_from_dict(raw: dict, where: str = "config") -> Config:
                           f"got {evaluate.top_n} and {evaluate.batch_size}")
     if not 0.0 < evaluate.mask_threshold < 1.0:
         raise ConfigError(f"{where}: evaluate.mask_threshold must be in (0, 1), got {evaluate.mask_threshold}")
-    return Config(head=dict(head), train=_dataclass_from(TrainConfig, raw.get("train") or {}, f"{where}: train"),
-                  evaluate=evaluate)
+    return Config(head=head_cfg, train=_dataclass_from(TrainConfig, raw.get("train") or {}, f"{where}: train"),
+                  evaluate=evaluate, paper=copy.deepcopy(paper), widths=widths)
 
 
 def save_config(cfg: Config, path: Path) -> None:

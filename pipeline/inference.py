@@ -19,8 +19,11 @@ from .batches import CachedImages, annotation_file, category_maps, image_feature
 from .cache import RANDOM_INIT_BANNER, FeatureCache
 from .config import Config
 from .evaluate import evaluate_coco, instances_to_coco_json, paste_masks
-from .head import HungarianMatcher, PostProcess
+from .head import build_head, build_matcher, build_postprocess, count_parameters
+from .head.model import mask_frame_boxes
+from .cache_requirements import check_cache_supports
 from .record import SampleRecord
+from .targets import limit_queries, match_image
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +40,16 @@ def predict_batch(head, postprocess, items: list[SampleRecord], maps: dict, cfg:
     ``sigmoid(class logit) x predicted mask IoU`` (Eq. 13), top ``cfg.evaluate.top_n`` per image.
     ``boxes="gt"``: one prediction per non-crowd ground-truth object, using the query matched to
     it, its GT box and GT category; score = predicted mask IoU of that category (1 without
-    mask scoring). Requires each record's ``gt`` and ``matcher``.
+    mask scoring). Requires each record's ``gt`` and ``matcher`` (the config's,
+    :func:`pipeline.head.build_matcher`; matching is :func:`pipeline.targets.match_image`, as in
+    training). Masks are pasted into the boxes they span (:func:`pipeline.head.model.mask_frame_boxes`).
 
     Raises:
         ValueError: unknown ``boxes`` mode.
     """
     if boxes not in ("pred", "gt"):
         raise ValueError(f"boxes must be 'pred' or 'gt', got {boxes!r}")
+    items = limit_queries(items, cfg.train.num_queries)
     feats = image_features(head, items, device)
     sizes = torch.tensor([it.size for it in items], dtype=torch.float32, device=device)
     queries, sel_boxes, bidx, chosen = [], [], [], []
@@ -54,9 +60,7 @@ def predict_batch(head, postprocess, items: list[SampleRecord], maps: dict, cfg:
             g_idx = None
         else:
             gt = it.gt
-            labels = torch.as_tensor([maps["column_of"][int(c)] for c in gt["category_ids"].tolist()],
-                                     dtype=torch.int64)
-            q_idx, g_idx = matcher.match(it.logits.float(), it.boxes.float(), labels, gt["boxes_cxcywh"])
+            q_idx, g_idx = match_image(matcher, it, maps["column_of"])
             order = torch.argsort(g_idx)
             q_idx, g_idx = q_idx[order], g_idx[order]
             bx = gt["boxes_cxcywh"][g_idx]
@@ -75,7 +79,7 @@ def predict_batch(head, postprocess, items: list[SampleRecord], maps: dict, cfg:
         h, w = it.orig_size
         if boxes == "pred":
             det = postprocess(it.logits.float().to(device), sel_boxes[b].to(device), mask_logits[b], iou_pred[b],
-                              maps["column_to_contiguous"].to(device), top_n=cfg.evaluate.top_n)
+                              maps["column_to_contiguous"].to(device))
             cat_ids = torch.as_tensor([col_to_cat[int(c)] for c in det["labels"].tolist()], dtype=torch.int64)
             scores, bx, probs = det["scores"].cpu(), det["boxes"].cpu(), det["mask_probs"].cpu()
         else:
@@ -89,7 +93,8 @@ def predict_batch(head, postprocess, items: list[SampleRecord], maps: dict, cfg:
             else:
                 scores = torch.ones(len(cat_ids))
         xyxy = to_xyxy_pixels(bx, h, w)
-        masks = paste_masks(probs, xyxy, h, w, threshold=cfg.evaluate.mask_threshold)
+        frame = to_xyxy_pixels(mask_frame_boxes(head.cfg, bx), h, w)
+        masks = paste_masks(probs, frame, h, w, threshold=cfg.evaluate.mask_threshold)
         results += instances_to_coco_json(it.image_id, scores, cat_ids, xyxy, masks)
     return results
 
@@ -102,7 +107,9 @@ def evaluate_cache(head, cfg: Config, cache_path, out_dir, *, device="cpu", boxe
     Writes ``<out_dir>/coco_instances_results.json`` and ``<out_dir>/metrics.json`` (atomically).
 
     Args:
-        head: a head from :func:`pipeline.head.build_head` (weights loaded).
+        head: a head from :func:`pipeline.head.build_head` (weights loaded); its config gives the
+            post-processor (:func:`pipeline.head.build_postprocess` with ``cfg.evaluate.top_n``)
+            and the matcher of ``boxes="gt"`` (:func:`pipeline.head.build_matcher`).
         expected_fingerprint: fingerprint of the cache the head was trained on; a cache from
             another detector, checkpoint or preprocessing is refused.
         format_only: write results without ground truth (test-dev); no metrics.
@@ -117,11 +124,12 @@ def evaluate_cache(head, cfg: Config, cache_path, out_dir, *, device="cpu", boxe
     """
     impl_info = kernel_ops.configure(impl) if impl is not None else kernel_ops.describe_impl()
     cache = FeatureCache.open(cache_path, expected=expected_fingerprint)
+    check_cache_supports(cfg, cache, cache_path)
     ann = annotation_file(cache.fingerprint, ann_file)
     coco = data.load_coco(ann, require_annotations=not format_only)
     maps = category_maps(cache.fingerprint, coco)
-    postprocess = PostProcess()  # what build_head returns; it has no settings (top_n is cfg.evaluate.top_n)
-    matcher = HungarianMatcher()
+    postprocess = build_postprocess(head.cfg, cfg.evaluate.top_n)
+    matcher = build_matcher(head.cfg)
     layer = cfg.train.encoder_layer
     indices = cache.done_indices()
     dataset = CachedImages(cache_path, indices, layer, ann, with_gt=(boxes == "gt"))
@@ -139,3 +147,23 @@ def evaluate_cache(head, cfg: Config, cache_path, out_dir, *, device="cpu", boxe
     image_ids = [int(cache.image_ids[i]) for i in indices]
     return evaluate_coco(coco, results, out_dir, banner=banner, format_only=format_only, image_ids=image_ids,
                          extra={"impl": impl_info})
+
+
+def baseline_head(cfg: Config, cache_path):
+    """The training-free baseline of Eq. 1-4 (Table 1) for a cache: ``q_i . RoIAlign(F)``.
+
+    Builds ``cfg.head`` (e.g. ``configs/ablations/t1_*.yaml``: no encoders, ``box_dim`` =
+    ``hidden_dim``, no mask scoring, ``score: mask_mean``) with the cache's widths.
+
+    Raises:
+        CacheError: unusable cache; ValueError: the config's head has trainable parameters (a
+            head that needs training is not a baseline), or widths contradicting the cache.
+    """
+    cache = FeatureCache.open(cache_path)
+    head = build_head(check_cache_supports(cfg, cache, cache_path), cfg.evaluate.top_n)[0]
+    n = count_parameters(head)
+    if n:
+        raise ValueError(f"--head baseline: the config's head has {n:,} trainable parameters; the baseline must "
+                         "have none (image_encoder_layers=0, box_encoder_layers=0, box_dim=hidden_dim, no neck, "
+                         "no box_pos_embed, no query layers, no mask scoring)")
+    return head.eval()

@@ -9,7 +9,6 @@ RNG states plus the resolved config, so ``--resume`` continues a killed run to t
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -25,18 +24,18 @@ from tqdm import tqdm
 from kernels import ops as kernel_ops
 
 from . import data
-from .batches import (CachedImages, EpochSampler, annotation_file, category_maps, collate_list, image_features,
-                      to_xyxy_pixels)
+from .batches import CachedImages, EpochSampler, annotation_file, category_maps, collate_list, image_features
 from .cache import CacheError, FeatureCache
+from .checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, save_config
 from .faults import fault_point
-from .head import HeadConfig, build_head, mask_targets_in_boxes
+from .head import build_head
+from .cache_requirements import check_cache_supports
 from .record import SampleRecord
+from .targets import limit_queries, training_targets
 from .utils import WriterLock, write_bytes_atomic
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_VERSION = 1
 
 
 def git_sha() -> str:
@@ -53,43 +52,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def match_image(matcher, item: SampleRecord, column_of: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hungarian matching of one image's cached predictions to its non-crowd ground truth.
-
-    Returns ``(query_idx [g], gt_idx [g])`` int64 (g = min(K, G)).
-    """
-    gt = item.gt
-    labels = torch.as_tensor([column_of[int(c)] for c in gt["category_ids"].tolist()], dtype=torch.int64)
-    return matcher.match(item.logits.float(), item.boxes.float(), labels, gt["boxes_cxcywh"])
-
-
-def training_targets(items: list[SampleRecord], matcher, maps: dict, boxes_mode: str, mask_size: int):
-    """Queries, boxes and mask targets of the matched (query, object) pairs of a batch.
-
-    Returns a dict: ``queries [M, D]``, ``boxes [M, 4]`` cxcywh normalized (predicted boxes in
-    ``pred`` mode, ground-truth boxes in ``gt`` mode), ``batch_index [M]``, ``masks [M, T, T]``
-    float targets in the box frame (T = ``mask_size``), ``labels [M]`` contiguous class index.
-    """
-    queries, boxes, bidx, masks, labels = [], [], [], [], []
-    for b, it in enumerate(items):
-        gt = it.gt
-        if gt["category_ids"].numel() == 0:
-            continue
-        q_idx, g_idx = match_image(matcher, it, maps["column_of"])
-        sel = it.boxes.float()[q_idx] if boxes_mode == "pred" else gt["boxes_cxcywh"][g_idx]
-        h, w = it.orig_size
-        queries.append(it.queries.float()[q_idx])
-        boxes.append(sel)
-        bidx.append(torch.full((len(q_idx),), b, dtype=torch.int64))
-        masks.append(mask_targets_in_boxes(gt["masks"][g_idx], to_xyxy_pixels(sel, h, w), mask_size))
-        labels.append(torch.as_tensor([maps["contiguous_of"][int(c)] for c in gt["category_ids"][g_idx].tolist()],
-                                      dtype=torch.int64))
-    if not queries:
-        return None
-    return {"queries": torch.cat(queries), "boxes": torch.cat(boxes), "batch_index": torch.cat(bidx),
-            "masks": torch.cat(masks), "labels": torch.cat(labels)}
 
 
 def image_sizes_of(items: list[SampleRecord]) -> torch.Tensor:
@@ -110,38 +72,6 @@ def _set_rng_state(state: dict, sample_gen: torch.Generator) -> None:
     sample_gen.set_state(state["sample"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, **payload) -> None:
-    """``torch.save`` ``payload`` to ``path`` atomically (:func:`pipeline.utils.write_bytes_atomic`).
-
-    Serialised in memory first, so that a full disk raises an ``OSError`` naming ``path`` (not
-    torch's stream-writer error) and a crash never leaves half a checkpoint.
-
-    Raises:
-        OSError: ``path`` cannot be written (disk full, permissions).
-    """
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    write_bytes_atomic(path, buffer.getvalue(), fault="train.checkpoint")
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Read one of our checkpoints (``weights_only=True``: plain data and tensors only).
-
-    Raises:
-        ValueError: the file is missing or is not a Mask Frozen-DETR head checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"{path}: cannot be read as a head checkpoint: {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "mask-frozen-detr-head":
-        raise ValueError(f"{path}: not a Mask Frozen-DETR head checkpoint (no kind='mask-frozen-detr-head')")
-    return ckpt
 
 
 def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: str | Path | None = None,
@@ -190,23 +120,17 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     cache = FeatureCache.open(cache_path)
-    if tc.encoder_layer not in cache.encoder_layers:
-        raise CacheError(f"{cache_path}: train.encoder_layer={tc.encoder_layer} is not stored "
-                         f"(cache has encoder layers {cache.encoder_layers}; re-extract with --encoder-layers)")
+    head_cfg = check_cache_supports(cfg, cache, cache_path)  # refuses what the cache lacks, before training
     if val_cache is not None:
         FeatureCache.open(val_cache, expected=cache.fingerprint)  # refuse a stale/foreign val cache early
     ann = annotation_file(cache.fingerprint, ann_file)
     coco = data.load_coco(ann)
     maps = category_maps(cache.fingerprint, coco)
-    try:
-        head_cfg = HeadConfig.from_dict(cfg.head).with_widths(**cache.feature_widths, source=str(cache_path))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    cfg = dataclasses.replace(cfg, head=head_cfg.to_dict())  # the resolved config is what runs and is saved
+    cfg = dataclasses.replace(cfg, head=head_cfg)  # the resolved config is what runs and is saved
     if getattr(head_cfg, "mask_scoring", False) and head_cfg.num_score_classes < maps["num_categories"]:
         raise ValueError(f"head.num_score_classes={head_cfg.num_score_classes} < {maps['num_categories']} "
                          "dataset categories")
-    head, criterion, _ = build_head(head_cfg)
+    head, criterion, _ = build_head(head_cfg, cfg.evaluate.top_n)
     head.to(dev)
     matcher = criterion.matcher
 
@@ -217,6 +141,9 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
     iters_per_epoch = math.ceil(len(indices) / tc.batch_size)
     total = tc.max_iters if tc.max_iters is not None else tc.epochs * iters_per_epoch
     params = [p for p in head.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the config's head has no trainable parameters (a training-free baseline): evaluate it "
+                          "with `cli.py evaluate --head baseline --config FILE --cache CACHE`")
     optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     milestones = sorted({max(1, int(round(f * total))) for f in tc.lr_drops})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=tc.lr_drop_factor)
@@ -263,7 +190,8 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
                             multiprocessing_context="spawn" if tc.num_workers > 0 else None,
                             persistent_workers=False)
         for items in loader:
-            targets = training_targets(items, matcher, maps, tc.boxes, criterion.mask_target_size)
+            items = limit_queries(items, tc.num_queries)
+            targets = training_targets(items, matcher, maps, tc.boxes, head_cfg)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
                 feats = image_features(head, items, dev)
                 if targets is None:

@@ -14,9 +14,10 @@ import torch
 
 from pipeline.cache import FeatureCache
 from pipeline.config import ConfigError, load_config
-from pipeline.head import HeadConfig, build_head
+from pipeline.head import build_head
 from pipeline.inference import evaluate_cache
-from pipeline.train import load_checkpoint, train
+from pipeline.checkpoint import load_checkpoint
+from pipeline.train import train
 
 from .conftest import COCO_ROOT, REPO, SMALL_EXTRACT, SMALL_HEAD, run_cli
 
@@ -40,7 +41,7 @@ def test_short_gt_box_run_beats_untrained_head(tmp_path, small_caches):
     torch.manual_seed(0)
     widths = FeatureCache.open(small_caches["val"]).feature_widths
     assert widths == {"c1_channels": 16, "num_feature_levels": 5}  # the golden-small DINO's, from the fingerprint
-    untrained_head = build_head(HeadConfig.from_dict(cfg.head).with_widths(**widths))[0]
+    untrained_head = build_head(cfg.head.with_widths(**widths))[0]
     untrained = evaluate_cache(untrained_head, cfg, small_caches["val"], tmp_path / "untrained", boxes="gt",
                                progress=False)
     assert "RANDOM-INIT" in trained["banner"]
@@ -130,7 +131,7 @@ def test_results_do_not_depend_on_batch_size(tmp_path, small_caches):
         cfg = load_config(CONFIG, list(SMALL_HEAD) + [f"evaluate.batch_size={bs}"])
         torch.manual_seed(0)
         widths = FeatureCache.open(small_caches["val"]).feature_widths
-        head = build_head(HeadConfig.from_dict(cfg.head).with_widths(**widths))[0]
+        head = build_head(cfg.head.with_widths(**widths))[0]
         evaluate_cache(head, cfg, small_caches["val"], run, progress=False)
         outs.append(json.loads((run / "coco_instances_results.json").read_text()))
     assert outs[0] == outs[1]

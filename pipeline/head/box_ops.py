@@ -15,26 +15,6 @@ def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
     return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), -1)
 
 
-def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
-    """``[..., 4]`` ``(x0, y0, x1, y1)`` -> ``[..., 4]`` ``(cx, cy, w, h)`` in the same units."""
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack(((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0), -1)
-
-
-def scale_boxes(boxes: Tensor, image_sizes: Tensor) -> Tensor:
-    """Normalized boxes -> pixels.
-
-    Args:
-        boxes: ``[M, 4]`` normalized to ``[0, 1]`` (any of cxcywh / xyxy: all four are scaled).
-        image_sizes: ``[M, 2]`` or ``[2]`` ``(h, w)`` in pixels.
-
-    Returns:
-        ``[M, 4]`` in pixels, same layout as ``boxes``.
-    """
-    h, w = image_sizes.to(boxes.dtype).unbind(-1)
-    return boxes * torch.stack((w, h, w, h), -1)
-
-
 def box_area(boxes: Tensor) -> Tensor:
     """``[N, 4]`` xyxy -> ``[N]`` areas (units squared)."""
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])

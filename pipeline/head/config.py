@@ -16,6 +16,9 @@ _MASK_HEADS = ("dot_product", "segmenter")
 #: The head's input widths that depend on the detector: read from the cache, never from defaults.
 WIDTH_FIELDS = ("c1_channels", "num_feature_levels")
 _ACTIVATIONS = ("relu", "gelu")
+_BLOCK_KINDS = ("deformable", "swin", "convnext")  # = pipeline.head.encoders.BLOCK_KINDS
+_MASK_LOSSES = ("points", "full")
+_SCORES = ("auto", "class", "iou", "mask_mean")
 
 
 @dataclass
@@ -36,7 +39,10 @@ class HeadConfig:
             ``spatial_shapes`` at run time.
         image_encoder_layers: deformable encoder blocks over all levels of E (Sec. 3.2,
             Eq. 6, Table 2 / 16); 0 = no image encoder (E is used as cached).
-        image_encoder_heads, image_encoder_points: MSDeformAttn heads / points per level.
+        image_encoder_block: block kind of the image encoder (Table 2): ``"deformable"`` (over all
+            levels), ``"swin"`` or ``"convnext"`` (on the finest level E1 only).
+        image_encoder_window: Swin window side of the image encoder (14: the Table 2 accounting).
+        image_encoder_heads, image_encoder_points: MSDeformAttn (and Swin) heads / points per level.
         image_encoder_ffn_dim: FFN hidden width of the image encoder blocks (1024).
         activation: FFN activation of every head block, ``"gelu"`` (Sec. 3.2: "Linear -> GELU
             -> Linear") or ``"relu"``.
@@ -48,6 +54,9 @@ class HeadConfig:
         fuse_c1: add (neck-ed) C1 to the up-sampled encoder map (Eq. 1/5). With ``neck=False``
             this needs ``c1_channels == hidden_dim``; the DINO Table 16 accounting is
             ``neck=False, fuse_c1=False`` (F = the encoder's own stride-4 level only).
+        roi_align: Table 1's "RoIAlign" switch. ``False`` = the mask of Eq. 1 over the whole
+            image: RoIAlign at the full-image box instead of the detector's box, pasted into the
+            whole image (we sample it at R x R, the paper at F's 1/4 resolution).
         roi_size: RoIAlign output side R (Eq. 3, Table 10; 32).
         roi_sampling_ratio: bilinear samples per RoIAlign bin side (2 = Mask R-CNN's four
             regular sample points per bin; 0 = adaptive).
@@ -55,9 +64,10 @@ class HeadConfig:
             ``hidden_dim`` a channel mapper Linear(D, h) is applied to F before RoIAlign and a
             query projection Linear(D, h) to the queries; at ``box_dim == hidden_dim`` both are
             identities (Table 3 accounting).
-        box_encoder_layers: deformable blocks over the R x R RoI tokens (Sec. 3.3, Eq. 9,
-            Table 3 / 16); 1 level, ``box_encoder_heads`` heads, ``box_encoder_points`` points,
-            FFN ``box_ffn_ratio * box_dim``.
+        box_encoder_layers: blocks over the R x R RoI tokens (Sec. 3.3, Eq. 9, Table 3 / 16).
+        box_encoder_block: their kind (Table 3): ``"deformable"`` (1 level, ``box_encoder_heads``
+            heads, ``box_encoder_points`` points, FFN ``box_ffn_ratio * box_dim``), ``"swin"``
+            (window ``box_encoder_window``, 8 in the Table 3 accounting) or ``"convnext"``.
         box_pos_embed: one learned R*R x h positional embedding added once to the RoI tokens.
         query_ffn, query_b2o, query_o2o: the query-layer components of Table 5 (FFN,
             box-to-object cross-attention Eq. 11, object-to-object self-attention Eq. 10). One
@@ -69,10 +79,17 @@ class HeadConfig:
         score_conv_dim, score_fc_dim: widths of the IoU head (128 / 128).
         score_detach_mask: detach the predicted mask fed to the IoU head (False, as mmdet's
             Mask Scoring R-CNN).
+        score: final detection score: ``"iou"`` = class score x predicted mask IoU (Eq. 13),
+            ``"class"`` = class score, ``"mask_mean"`` = class score x mean of the mask
+            probabilities above 0.5 (Eq. 2, the training-free baseline); ``"auto"`` = ``iou``
+            with mask scoring, else ``class``.
 
     Loss (Appendix A "mask loss on sampled pixel points"; Mask2Former's recipe):
 
     Attributes:
+        mask_loss: ``"points"`` (BCE + dice on N importance-sampled points, Table 12 rows 3-4)
+            or ``"full"`` (BCE + dice on every pixel of the T x T target, logits bilinearly
+            resized to T; Table 12 rows 1-2, "samp. pixel sup." off).
         target_size: T, side of the mask targets resampled into each box (112).
         num_points: N points sampled per instance (112 * 112 = 12544).
         oversample_ratio: k (3.0); importance_sample_ratio: beta (0.75).
@@ -95,6 +112,8 @@ class HeadConfig:
     c1_channels: int | None = None
     num_feature_levels: int | None = None
     image_encoder_layers: int = 3
+    image_encoder_block: str = "deformable"
+    image_encoder_window: int = 14
     image_encoder_heads: int = 8
     image_encoder_points: int = 4
     image_encoder_ffn_dim: int = 1024
@@ -103,10 +122,13 @@ class HeadConfig:
     neck: bool = True
     fuse_c1: bool = True
     # box feature encoder
+    roi_align: bool = True
     roi_size: int = 32
     roi_sampling_ratio: int = 2
     box_dim: int = 128
     box_encoder_layers: int = 2
+    box_encoder_block: str = "deformable"
+    box_encoder_window: int = 8
     box_encoder_heads: int = 8
     box_encoder_points: int = 4
     box_ffn_ratio: int = 4
@@ -123,7 +145,9 @@ class HeadConfig:
     score_conv_dim: int = 128
     score_fc_dim: int = 128
     score_detach_mask: bool = False
+    score: str = "auto"
     # loss
+    mask_loss: str = "points"
     target_size: int = 112
     num_points: int = 112 * 112
     oversample_ratio: float = 3.0
@@ -149,10 +173,16 @@ class HeadConfig:
         """
         if self.mask_head not in _MASK_HEADS:
             raise ValueError(f"mask_head must be one of {_MASK_HEADS}, got {self.mask_head!r}")
+        for name, choices in (("image_encoder_block", _BLOCK_KINDS), ("box_encoder_block", _BLOCK_KINDS),
+                              ("mask_loss", _MASK_LOSSES), ("score", _SCORES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.score == "iou" and not self.mask_scoring:
+            raise ValueError("score='iou' needs mask_scoring=True (the IoU comes from the mask-scoring head)")
         if self.activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {self.activation!r}")
         for name in ("hidden_dim", "c1_channels", "num_feature_levels", "roi_size", "box_dim",
-                     "target_size", "num_points", "num_score_classes"):
+                     "target_size", "num_points", "num_score_classes", "image_encoder_window", "box_encoder_window"):
             if name in WIDTH_FIELDS and getattr(self, name) is None:
                 continue
             if getattr(self, name) <= 0:
@@ -215,6 +245,13 @@ class HeadConfig:
                 raise ValueError(f"head.{name}={mine} in the config, but {source} has {name}={value}; "
                                  f"remove head.{name} from the config (it is read from the cache)")
         return dataclasses.replace(self, **given)
+
+    @property
+    def final_score(self) -> str:
+        """The resolved :attr:`score` (``"auto"`` -> ``"iou"`` with mask scoring, else ``"class"``)."""
+        if self.score != "auto":
+            return self.score
+        return "iou" if self.mask_scoring else "class"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (written next to checkpoints)."""

@@ -1,7 +1,13 @@
 """The three trainable encoders of the head: image (Sec. 3.2), box (Sec. 3.3), query (Sec. 3.4).
 
-All blocks are post-norm like Deformable DETR. The deformable blocks are the shared
-:class:`pipeline.layers.deformable.DeformableEncoderLayer`.
+The image and box encoders are stacks of one block kind chosen from a registry
+(:data:`BLOCK_KINDS`, Tables 2 and 3): ``deformable`` (the shared post-norm
+:class:`pipeline.layers.deformable.DeformableEncoderLayer`), ``swin`` (torchvision's
+``SwinTransformerBlock``: pre-norm window attention with a relative-position bias, every
+second block shifted by half a window) and ``convnext`` (torchvision's ``CNBlock``: 7x7
+depth-wise conv -> LayerNorm -> FFN 4x -> layer scale). The library blocks are used as they
+are (a well-kept implementation; their parameter counts are the paper's, see
+``shared/papers/params-reconstruction.md``).
 """
 
 from __future__ import annotations
@@ -12,7 +18,63 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchvision.models.convnext import CNBlock
+from torchvision.models.swin_transformer import SwinTransformerBlock
+
 from pipeline.layers.deformable import DeformableEncoderLayer, encoder_reference_points
+
+#: Block kinds of the image and box feature encoders (Tables 2, 3): one registry for both.
+BLOCK_KINDS = ("deformable", "swin", "convnext")
+
+
+def build_blocks(kind: str, num_layers: int, dim: int, *, n_levels: int = 1, n_heads: int = 8, n_points: int = 4,
+                 d_ffn: int | None = None, window: int = 7, activation: str = "gelu",
+                 dropout: float = 0.0) -> nn.ModuleList:
+    """``num_layers`` encoder blocks of one kind at width ``dim`` (the registry of :data:`BLOCK_KINDS`).
+
+    Args:
+        kind: ``"deformable"`` (MSDeformAttn over ``n_levels`` levels, ``n_heads`` heads,
+            ``n_points`` points, FFN ``d_ffn``, post-norm), ``"swin"`` (window ``window``,
+            ``n_heads`` heads, MLP ratio 4, block ``i`` shifted by ``window // 2`` when ``i`` is odd)
+            or ``"convnext"`` (7x7 depth-wise conv, LayerNorm, FFN 4x, layer scale 1e-6).
+        num_layers: blocks (0 = an empty list).
+        dim: channels.
+        d_ffn: FFN width of the deformable block (default ``4 * dim``); swin / convnext use 4x.
+        activation, dropout: of the deformable block (swin / convnext: GELU, no dropout).
+
+    Returns:
+        ``nn.ModuleList``. Parameters per block at dim 256: deformable 756,864 (4 levels) /
+        781,536 (5 levels) / 682,848 (1 level); swin 795,592 (window 14) / 791,560 (window 8);
+        convnext 539,136.
+
+    Raises:
+        ValueError: unknown ``kind``.
+    """
+    if kind == "deformable":
+        d_ffn = 4 * dim if d_ffn is None else d_ffn
+        return nn.ModuleList(DeformableEncoderLayer(dim, d_ffn, n_levels, n_heads, n_points, activation=activation,
+                                                    dropout=dropout) for _ in range(num_layers))
+    if kind == "swin":
+        return nn.ModuleList(SwinTransformerBlock(dim, n_heads, [window, window],
+                                                  [0 if i % 2 == 0 else window // 2] * 2, mlp_ratio=4.0)
+                             for i in range(num_layers))
+    if kind == "convnext":
+        return nn.ModuleList(CNBlock(dim, layer_scale=1e-6, stochastic_depth_prob=0.0) for _ in range(num_layers))
+    raise ValueError(f"unknown encoder block kind {kind!r}; expected one of {BLOCK_KINDS}")
+
+
+def apply_map_blocks(blocks: nn.ModuleList, x: Tensor) -> Tensor:
+    """Run swin / convnext blocks over maps ``[B, H, W, C]`` -> ``[B, H, W, C]`` (channels last).
+
+    Swin blocks take channels-last input (windows padded to a multiple of the window size and
+    cropped back by torchvision); ConvNeXt blocks take ``[B, C, H, W]``.
+    """
+    for block in blocks:
+        if isinstance(block, CNBlock):
+            x = block(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        else:
+            x = block(x)
+    return x
 
 
 def sine_position_embedding(height: int, width: int, dim: int, *, temperature: float = 10000.0,
@@ -68,9 +130,13 @@ class Neck(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """Image feature encoder F_e of Eq. 5-6: stacked multi-scale deformable encoder blocks.
+    """Image feature encoder F_e of Eq. 5-6 (Table 2): a stack of one block kind.
 
-    Runs over ALL levels of the cached encoder tokens E of one image, with a parameter-free sine
+    ``deformable`` blocks run over ALL levels of the cached encoder tokens E of one image; ``swin``
+    and ``convnext`` blocks run on the finest level only (E1, the map F is built from; Table 2's
+    note), with no positional embedding, and leave the other levels as cached.
+
+    Deformable blocks use a parameter-free sine
     positional embedding per level (no level embedding: the Table 16 parameter count leaves no
     room for one) and Deformable-DETR reference points with valid ratio 1 (cached tokens are
     unpadded). Each block is MSDeformAttn -> LN -> FFN(GELU) -> LN; 781,536 parameters per
@@ -80,16 +146,16 @@ class ImageEncoder(nn.Module):
         d_model, d_ffn, n_levels, n_heads, n_points, activation, dropout: see
             :class:`DeformableEncoderLayer`.
         num_layers: blocks (0 = identity).
+        kind: block kind (:data:`BLOCK_KINDS`); window: swin window side (14: Table 2 accounting).
     """
 
     def __init__(self, num_layers: int, d_model: int = 256, d_ffn: int = 1024, n_levels: int = 5,
-                 n_heads: int = 8, n_points: int = 4, activation: str = "gelu", dropout: float = 0.0):
+                 n_heads: int = 8, n_points: int = 4, activation: str = "gelu", dropout: float = 0.0,
+                 kind: str = "deformable", window: int = 14):
         super().__init__()
-        self.d_model, self.n_levels = d_model, n_levels
-        self.layers = nn.ModuleList(
-            DeformableEncoderLayer(d_model, d_ffn, n_levels, n_heads, n_points, activation=activation,
-                                   dropout=dropout)
-            for _ in range(num_layers))
+        self.d_model, self.n_levels, self.kind = d_model, n_levels, kind
+        self.layers = build_blocks(kind, num_layers, d_model, n_levels=n_levels, n_heads=n_heads, n_points=n_points,
+                                   d_ffn=d_ffn, window=window, activation=activation, dropout=dropout)
 
     def forward(self, tokens: Tensor, spatial_shapes: Tensor, level_start_index: Tensor) -> Tensor:
         """Refine the flattened multi-scale tokens of one image.
@@ -113,6 +179,13 @@ class ImageEncoder(nn.Module):
                              f"imply {int(spatial_shapes.prod(1).sum())}")
         if not self.layers:
             return tokens
+        if self.kind != "deformable":
+            finest = int(torch.argmax(spatial_shapes.prod(1)))
+            h, w = spatial_shapes[finest].tolist()
+            start = int(level_start_index[finest])
+            level = tokens[start:start + h * w].reshape(1, h, w, -1)
+            level = apply_map_blocks(self.layers, level).reshape(h * w, -1)
+            return torch.cat((tokens[:start], level, tokens[start + h * w:]), 0)
         dtype, device = tokens.dtype, tokens.device
         pos = torch.cat([sine_position_embedding(int(h), int(w), self.d_model, dtype=dtype, device=device)
                          for h, w in spatial_shapes.tolist()], 0)[None]
@@ -125,25 +198,26 @@ class ImageEncoder(nn.Module):
 
 
 class BoxEncoder(nn.Module):
-    """Box feature encoder F_b of Eq. 9 (Sec. 3.3, Tables 3-4): deformable blocks over RoI tokens.
+    """Box feature encoder F_b of Eq. 9 (Sec. 3.3, Tables 3-4): blocks of one kind over RoI tokens.
 
-    Each block is a single-level DeformableEncoderLayer over the ``R x R`` tokens of one box
-    (177,632 parameters at h=128, 8 heads, 4 points, FFN 512). The learned positional embedding
-    is owned by the head (``box_pos_embed``) and added once before the first block.
+    ``deformable``: a single-level DeformableEncoderLayer over the ``R x R`` tokens of one box
+    (177,632 parameters at h=128, 8 heads, 4 points, FFN 512); ``swin`` (window 8: a 32 x 32 RoI
+    is 4 x 4 windows) and ``convnext`` blocks see the tokens as an ``R x R`` map. The learned
+    positional embedding is owned by the head (``box_pos_embed``) and added once before the
+    first block.
 
     Args:
-        num_layers: blocks; d_model: h; d_ffn: FFN width; roi_size: R; others as
-            :class:`DeformableEncoderLayer`.
+        num_layers: blocks; d_model: h; d_ffn: FFN width; roi_size: R; kind: :data:`BLOCK_KINDS`;
+            window: swin window side; others as :class:`DeformableEncoderLayer`.
     """
 
     def __init__(self, num_layers: int, d_model: int = 128, d_ffn: int = 512, roi_size: int = 32,
-                 n_heads: int = 8, n_points: int = 4, activation: str = "gelu", dropout: float = 0.0):
+                 n_heads: int = 8, n_points: int = 4, activation: str = "gelu", dropout: float = 0.0,
+                 kind: str = "deformable", window: int = 8):
         super().__init__()
-        self.roi_size = roi_size
-        self.layers = nn.ModuleList(
-            DeformableEncoderLayer(d_model, d_ffn, 1, n_heads, n_points, activation=activation,
-                                   dropout=dropout)
-            for _ in range(num_layers))
+        self.roi_size, self.kind = roi_size, kind
+        self.layers = build_blocks(kind, num_layers, d_model, n_levels=1, n_heads=n_heads, n_points=n_points,
+                                   d_ffn=d_ffn, window=window, activation=activation, dropout=dropout)
 
     def geometry(self, dtype: torch.dtype, device) -> tuple[Tensor, Tensor, Tensor]:
         """``(spatial_shapes [1, 2], level_start_index [1], reference_points [1, R*R, 1, 2])``."""
@@ -154,6 +228,9 @@ class BoxEncoder(nn.Module):
 
     def layer(self, index: int, tokens: Tensor, geometry: tuple[Tensor, Tensor, Tensor]) -> Tensor:
         """Apply block ``index`` to ``tokens [M, R*R, h]`` -> ``[M, R*R, h]``."""
+        if self.kind != "deformable":
+            m, r = tokens.shape[0], self.roi_size
+            return apply_map_blocks(self.layers[index:index + 1], tokens.reshape(m, r, r, -1)).reshape(m, r * r, -1)
         shapes, start, ref = geometry
         return self.layers[index](tokens, None, ref.expand(tokens.shape[0], -1, -1, -1), shapes, start)
 
@@ -208,11 +285,6 @@ class QueryLayer(nn.Module):
             ffn = self.linear2(self.dropout(self.activation(self.linear1(query))))
             query = self.norm_ffn(query + self.dropout(ffn))
         return query
-
-    @property
-    def is_identity(self) -> bool:
-        """True when the layer has no component (Table 5 row 1)."""
-        return self.o2o is None and self.b2o is None and not self.use_ffn
 
 
 def upsample_to(x: Tensor, size: tuple[int, int]) -> Tensor:

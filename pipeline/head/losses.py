@@ -172,12 +172,21 @@ class MaskCriterion(nn.Module):
         target_size: T the targets should be built at (exposed as ``mask_target_size`` for the
             training loop's :func:`mask_targets_in_boxes` call; any T works here).
         matcher: the Hungarian matcher the training loop should use (exposed as ``matcher``).
+        mask_loss: ``"points"`` (the sampled points above) or ``"full"``: BCE and Dice on every
+            pixel of the ``T x T`` targets, the logits bilinearly resized (align_corners=False)
+            to ``T x T`` (Table 12 "samp. pixel sup." off).
+
+    Raises (constructor):
+        ValueError: unknown ``mask_loss``.
     """
 
     def __init__(self, num_points: int = 112 * 112, oversample_ratio: float = 3.0,
                  importance_sample_ratio: float = 0.75, bce_weight: float = 5.0, dice_weight: float = 5.0,
-                 iou_weight: float = 1.0, target_size: int = 112, matcher=None):
+                 iou_weight: float = 1.0, target_size: int = 112, matcher=None, mask_loss: str = "points"):
         super().__init__()
+        if mask_loss not in ("points", "full"):
+            raise ValueError(f"mask_loss must be 'points' or 'full', got {mask_loss!r}")
+        self.mask_loss = mask_loss
         self.mask_target_size = target_size
         self.matcher = matcher
         self.num_points, self.oversample_ratio = num_points, oversample_ratio
@@ -222,10 +231,16 @@ class MaskCriterion(nn.Module):
             if iou_pred is not None:
                 losses["loss_iou"] = iou_pred.sum() * 0.0
         else:
-            coords = uncertain_point_coords_with_randomness(
-                logits[:, None], self.num_points, self.oversample_ratio, self.importance_sample_ratio, generator)
-            point_logits = point_sample(logits[:, None], coords)[:, 0]
-            point_targets = point_sample(masks[:, None], coords)[:, 0]
+            if self.mask_loss == "full":
+                size = tuple(masks.shape[-2:])
+                point_logits = F.interpolate(logits[:, None], size=size, mode="bilinear",
+                                             align_corners=False)[:, 0].flatten(1)
+                point_targets = masks.flatten(1)
+            else:
+                coords = uncertain_point_coords_with_randomness(
+                    logits[:, None], self.num_points, self.oversample_ratio, self.importance_sample_ratio, generator)
+                point_logits = point_sample(logits[:, None], coords)[:, 0]
+                point_targets = point_sample(masks[:, None], coords)[:, 0]
             losses["loss_bce"] = sigmoid_bce_loss(point_logits, point_targets, num)
             losses["loss_dice"] = dice_loss(point_logits, point_targets, num)
             if iou_pred is not None:

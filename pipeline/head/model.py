@@ -133,14 +133,16 @@ class MaskFrozenDetrHead(nn.Module):
         self.neck = Neck(cfg.c1_channels, d) if (cfg.neck and cfg.fuse_c1) else None
         self.image_encoder = ImageEncoder(
             cfg.image_encoder_layers, d, cfg.image_encoder_ffn_dim, cfg.num_feature_levels,
-            cfg.image_encoder_heads, cfg.image_encoder_points, cfg.activation, cfg.dropout)
+            cfg.image_encoder_heads, cfg.image_encoder_points, cfg.activation, cfg.dropout,
+            kind=cfg.image_encoder_block, window=cfg.image_encoder_window)
         self.channel_mapper = nn.Linear(d, h) if h != d else nn.Identity()
         self.query_proj = nn.Linear(d, h) if h != d else nn.Identity()
         self.box_pos_embed = nn.Parameter(torch.zeros(r * r, h)) if cfg.box_pos_embed else None
         if self.box_pos_embed is not None:
             nn.init.trunc_normal_(self.box_pos_embed, std=0.02)
         self.box_encoder = BoxEncoder(cfg.box_encoder_layers, h, cfg.box_ffn_ratio * h, r, cfg.box_encoder_heads,
-                                      cfg.box_encoder_points, cfg.activation, cfg.dropout)
+                                      cfg.box_encoder_points, cfg.activation, cfg.dropout,
+                                      kind=cfg.box_encoder_block, window=cfg.box_encoder_window)
         has_query_layers = cfg.query_ffn or cfg.query_b2o or cfg.query_o2o
         self.query_encoder = nn.ModuleList(
             QueryLayer(h, cfg.query_heads, cfg.box_ffn_ratio * h, use_o2o=cfg.query_o2o, use_b2o=cfg.query_b2o,
@@ -284,7 +286,7 @@ class MaskFrozenDetrHead(nn.Module):
             idx = torch.nonzero(batch_index == b).flatten()
             h1, w1 = features[b].size
             img_h, img_w = image_sizes[b].unbind(0)
-            xyxy = box_cxcywh_to_xyxy(boxes[idx])
+            xyxy = box_cxcywh_to_xyxy(mask_frame_boxes(self.cfg, boxes[idx]))
             scale = torch.stack((w1 / img_w, h1 / img_h, w1 / img_w, h1 / img_h))
             xyxy = xyxy * torch.stack((img_w, img_h, img_w, img_h)) * scale
             rois = self._pool(features[b], xyxy)
@@ -309,6 +311,17 @@ class MaskFrozenDetrHead(nn.Module):
         if self.mask_scoring is not None:
             out["iou_pred"] = torch.cat(iou_parts)[inverse]
         return out
+
+
+def mask_frame_boxes(cfg: HeadConfig, boxes: Tensor) -> Tensor:
+    """The boxes the head's ``R x R`` masks span: ``boxes`` (cxcywh normalized, ``[M, 4]``), or
+    the whole image ``(0.5, 0.5, 1, 1)`` for every box when ``cfg.roi_align`` is False (Table 1's
+    "RoIAlign off": the mask of Eq. 1 covers the image). Training targets, the head's RoIAlign
+    and the pasting at inference all use these boxes, so the three always agree.
+    """
+    if cfg.roi_align:
+        return boxes
+    return boxes.new_tensor([0.5, 0.5, 1.0, 1.0]).expand_as(boxes).clone()
 
 
 def count_parameters(head: nn.Module, trainable_only: bool = True) -> int:

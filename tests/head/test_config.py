@@ -32,12 +32,12 @@ def test_from_dict_roundtrip_and_unknown_keys():
 ])
 def test_invalid_configs_raise(bad):
     with pytest.raises(ValueError):
-        build_head(bad)
+        build_head(HeadConfig.from_dict(bad))
 
 
 def test_widths_come_from_the_cache():
     with pytest.raises(ValueError, match="c1_channels / head.num_feature_levels are not set"):
-        build_head({"box_dim": 64})
+        build_head(HeadConfig.from_dict({"box_dim": 64}))
     cfg = HeadConfig.from_dict({"box_dim": 64})
     assert not cfg.has_widths
     resolved = cfg.with_widths(256, 4, source="cache.zarr")

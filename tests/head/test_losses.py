@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.head import (MaskCriterion, dice_loss, mask_iou, mask_targets_in_boxes, point_sample,
+from pipeline.head import (HeadConfig, MaskCriterion, dice_loss, mask_iou, mask_targets_in_boxes, point_sample,
                            sigmoid_bce_loss, uncertain_point_coords_with_randomness)
 
 
@@ -126,9 +126,26 @@ def test_criterion_deterministic_with_generator_and_empty():
 def test_criterion_upcasts_bf16_and_exposes_matcher():
     from pipeline.head import HungarianMatcher, build_head
 
-    _, crit, _ = build_head({"c1_channels": 192, "num_feature_levels": 5, "target_size": 56, "num_points": 64})
+    _, crit, _ = build_head(HeadConfig.from_dict({"c1_channels": 192, "num_feature_levels": 5, "target_size": 56, "num_points": 64}))
     assert crit.mask_target_size == 56 and isinstance(crit.matcher, HungarianMatcher)
     logits = torch.randn(2, 32, 32).bfloat16()
     out = crit({"mask_logits": logits, "iou_pred": torch.rand(2, 80).bfloat16()},
                {"masks": torch.rand(2, 56, 56), "labels": torch.tensor([1, 2])})
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+
+
+def test_full_mask_loss_is_bce_and_dice_over_every_target_pixel():
+    """Table 12 row 1: no point sampling; the R x R logits resized to the T x T targets."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 8, 8, generator=g, dtype=torch.float64)
+    masks = (torch.rand(3, 16, 16, generator=g) > 0.5).double()
+    crit = MaskCriterion(iou_weight=0.0, target_size=16, mask_loss="full")
+    out = crit({"mask_logits": logits}, {"masks": masks})
+    up = F.interpolate(logits[:, None], size=(16, 16), mode="bilinear", align_corners=False)[:, 0].flatten(1)
+    assert torch.allclose(out["loss_bce"], sigmoid_bce_loss(up, masks.flatten(1), 3))
+    assert torch.allclose(out["loss_dice"], dice_loss(up, masks.flatten(1), 3))
+    assert torch.allclose(out["loss"], 5 * out["loss_bce"] + 5 * out["loss_dice"])
+    with pytest.raises(ValueError, match="mask_loss"):
+        MaskCriterion(mask_loss="dense")

@@ -10,7 +10,7 @@ from torchvision.ops import roi_align
 
 import pipeline.head
 from kernels import ops
-from pipeline.head import build_head
+from pipeline.head import HeadConfig, build_head
 from pipeline.head.model import ImageFeatures
 
 from ._synthetic import DINO_WIDTHS, fake_image, random_boxes
@@ -25,7 +25,7 @@ def _encode(head, sizes, seed=0):
 @pytest.fixture(scope="module")
 def default_head():
     torch.manual_seed(0)
-    head, criterion, post = build_head(DINO_WIDTHS)
+    head, criterion, post = build_head(HeadConfig.from_dict(DINO_WIDTHS))
     return head.eval(), criterion, post
 
 
@@ -44,7 +44,7 @@ def test_fused_pooling_equals_roi_align_of_mapped_sum(impl):
     """The head pools mapper(Neck(C1)) + up(W E) with the fused kernel; that equals torchvision's
     roi_align of mapper(F) on the materialised F (the composition of Eq. 5 and Eq. 3 as written)."""
     torch.manual_seed(0)
-    head, _, _ = build_head({**SMALL, "box_dim": 128})
+    head, _, _ = build_head(HeadConfig.from_dict({**SMALL, "box_dim": 128}))
     head = head.double()
     f = head.encode_image(*fake_image(40, 52))
     boxes = torch.tensor([[3.0, 4.5, 30.2, 20.0], [-5.0, -2.0, 12.0, 60.0], [10.0, 10.0, 10.0, 10.0]],
@@ -111,7 +111,7 @@ def test_roi_geometry_box_frame(fuse_c1):
     cfg = {**DINO_WIDTHS, "c1_channels": 256, "image_encoder_layers": 0, "neck": False, "fuse_c1": fuse_c1, "box_dim": 256,
            "box_encoder_layers": 0,
            "box_pos_embed": False, "query_ffn": False, "query_b2o": False, "mask_scoring": False, "roi_size": 8}
-    head, _, _ = build_head(cfg)
+    head, _, _ = build_head(HeadConfig.from_dict(cfg))
     assert sum(p.numel() for p in head.parameters()) == 0
     h1, w1, img_h, img_w = 20, 30, 80.0, 120.0
     feat = torch.zeros(256, h1, w1, dtype=torch.float64)
@@ -136,7 +136,7 @@ def test_roi_geometry_box_frame(fuse_c1):
 def test_gradients_reach_every_parameter():
     """Default architecture: one backward of the full loss reaches every parameter (no unused ones)."""
     torch.manual_seed(1)
-    head, criterion, _ = build_head({**DINO_WIDTHS, "num_points": 1024})  # fewer loss points; same architecture
+    head, criterion, _ = build_head(HeadConfig.from_dict({**DINO_WIDTHS, "num_points": 1024}))  # fewer loss points; same architecture
     head.train()
     feats = _encode(head, [(48, 64), (56, 48)])
     m = 4
@@ -158,7 +158,7 @@ def test_gradients_reach_every_parameter():
     {**SMALL, "num_feature_levels": 4, "c1_channels": 256, "neck": False},
 ])
 def test_ablation_variants_run(overrides):
-    head, criterion, _ = build_head(overrides)
+    head, criterion, _ = build_head(HeadConfig.from_dict(overrides))
     levels = overrides.get("num_feature_levels", 5)
     c1ch = overrides.get("c1_channels", 192)
     feats = [head.encode_image(*fake_image(48, 64, levels=levels, c1_channels=c1ch))]
@@ -173,8 +173,8 @@ def test_ablation_variants_run(overrides):
 
 def test_float64_matches_float32():
     torch.manual_seed(0)
-    head32, criterion, _ = build_head(SMALL)
-    head64, _, _ = build_head(SMALL)
+    head32, criterion, _ = build_head(HeadConfig.from_dict(SMALL))
+    head64, _, _ = build_head(HeadConfig.from_dict(SMALL))
     head64.load_state_dict(head32.state_dict())
     head64 = head64.double()
     img = fake_image(48, 64)
@@ -226,7 +226,7 @@ def test_torch_compiled_head_step(impl):
     """A whole training step (image encoder, fused RoIAlign, box encoder, loss, backward) under
     torch.compile equals the eager step: the custom ops trace through their fake kernels."""
     torch.manual_seed(0)
-    head, criterion, _ = build_head({**SMALL, "num_points": 64})
+    head, criterion, _ = build_head(HeadConfig.from_dict({**SMALL, "num_points": 64}))
     img = fake_image(40, 48)
     q, b = torch.randn(3, 256), random_boxes(3)
     sizes, bi = torch.tensor([[40.0, 48.0]]), torch.zeros(3, dtype=torch.int64)

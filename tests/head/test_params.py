@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.head import build_head, count_parameters, parameter_table
+from pipeline.head import HeadConfig, build_head, count_parameters, parameter_table
 
 from ._synthetic import DINO_WIDTHS, HDETR_R50_WIDTHS
 
@@ -14,15 +14,15 @@ NECK_192 = 192 * 256 + 256 + 2 * 256  # PWConv(192, 256) + GroupNorm(32, 256) = 
 
 @pytest.mark.parametrize("layers,printed,exact", TABLE16)
 def test_table16_rows_without_neck(layers, printed, exact):
-    head, _, _ = build_head({**DINO_WIDTHS, "neck": False, "fuse_c1": False, "image_encoder_layers": layers[0],
-                             "box_encoder_layers": layers[1]})
+    head, _, _ = build_head(HeadConfig.from_dict({**DINO_WIDTHS, "neck": False, "fuse_c1": False, "image_encoder_layers": layers[0],
+                             "box_encoder_layers": layers[1]}))
     n = count_parameters(head)
     assert round(n / 1e6, 2) == printed
     assert n == exact
 
 
 def test_default_config_total():
-    head, _, _ = build_head(DINO_WIDTHS)
+    head, _, _ = build_head(HeadConfig.from_dict(DINO_WIDTHS))
     n = count_parameters(head)
     print(f"default head parameters: {n:,}")
     assert NECK_192 == 49_920
@@ -58,10 +58,28 @@ T4 = {**HDETR, "neck": False, "image_encoder_layers": 2, "query_ffn": False, "qu
     ({**HDETR, "image_encoder_layers": 2, "mask_head": "segmenter"}, 3.29),  # Table 14
 ])
 def test_hdetr_ablation_rows(overrides, printed):
-    head, _, _ = build_head(overrides)
+    head, _, _ = build_head(HeadConfig.from_dict(overrides))
     assert round(count_parameters(head) / 1e6, 2) == printed
 
 
 def test_hdetr_default_exact():
-    head, _, _ = build_head({**HDETR, "image_encoder_layers": 2})
+    head, _, _ = build_head(HeadConfig.from_dict({**HDETR, "image_encoder_layers": 2}))
     assert count_parameters(head) == 3_261_712
+
+
+def test_block_registry_counts_are_the_papers_blocks():
+    """params-reconstruction.md: Swin 795,592 (window 14) / 791,560 (window 8), ConvNeXt 539,136 at 256-d;
+    Swin blocks alternate unshifted / shifted windows."""
+    from pipeline.head.encoders import build_blocks
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    swin = build_blocks("swin", 2, 256, window=14)
+    assert [count(b) for b in swin] == [795_592, 795_592]
+    assert [b.attn.shift_size for b in swin] == [[0, 0], [7, 7]]
+    assert count(build_blocks("swin", 1, 256, window=8)[0]) == 791_560
+    assert count(build_blocks("convnext", 1, 256)[0]) == 539_136
+    assert count(build_blocks("deformable", 1, 256, n_levels=4, d_ffn=1024)[0]) == 756_864
+    with pytest.raises(ValueError, match="unknown encoder block kind"):
+        build_blocks("resnet", 1, 256)

@@ -22,7 +22,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.data import DataError, gt_instances, load_coco, load_image
 from pipeline.detectors import build_detector
 from pipeline.detectors.checkpoint import CheckpointError, read_state_dict
-from pipeline.train import load_checkpoint
+from pipeline.checkpoint import load_checkpoint
 
 from ..conftest import COCO_ROOT, SMALL_HEAD, require_coco, run_cli
 from ..test_cache import _create, _fingerprint

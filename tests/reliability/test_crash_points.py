@@ -19,7 +19,7 @@ import zarr
 
 from pipeline.cache import DONE, PENDING, FeatureCache
 from pipeline.evaluate import RESULTS_FILE
-from pipeline.train import load_checkpoint
+from pipeline.checkpoint import load_checkpoint
 
 from ..conftest import COCO_ROOT, SMALL_HEAD, records_equal, require_coco, run_cli
 
