@@ -186,6 +186,9 @@ def check_weights(detector, preset, weights):
 @click.option("--batch-size", type=int, help="Images per iteration (paper: 8; 2 and 4 supported).")
 @click.option("--boxes", type=click.Choice(["pred", "gt"]),
               help="Train (and evaluate) on the detector's boxes or on ground-truth boxes.")
+@click.option("--mask-fraction", type=float,
+              help="Train on the masks of this seeded fraction (0, 1] of the cache's images (label efficiency; "
+                   "shortcut for --set train.mask_fraction=F). The ids used go to <out>/mask_subset.json.")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1 ...")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--ann-file", type=click.Path(dir_okay=False, path_type=Path),
@@ -195,8 +198,8 @@ def check_weights(detector, preset, weights):
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
 @impl_option
 @friendly_errors
-def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batch_size, boxes, device, resume,
-               ann_file, val_ann_file, out, impl):
+def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batch_size, boxes, mask_fraction,
+               device, resume, ann_file, val_ann_file, out, impl):
     """Train the mask head from the cache only (the detector is never built).
 
     Writes <out>/config.yaml (resolved), <out>/metrics.jsonl, <out>/checkpoint.pt (latest) and
@@ -207,7 +210,12 @@ def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batc
     from pipeline.train import train
 
     extra = list(overrides)
-    for key, val in (("epochs", epochs), ("max_iters", max_iters), ("batch_size", batch_size), ("boxes", boxes)):
+    if mask_fraction is not None:
+        from pipeline.subsets import check_mask_fraction
+
+        check_mask_fraction(mask_fraction)
+    for key, val in (("epochs", epochs), ("max_iters", max_iters), ("batch_size", batch_size), ("boxes", boxes),
+                     ("mask_fraction", mask_fraction)):
         if val is not None:
             extra.append(f"train.{key}={val}")
     cfg = load_config(config_path, extra)
@@ -253,6 +261,86 @@ def evaluate(cache, checkpoint, boxes, device, ann_file, format_only, overrides,
     if not format_only:
         click.echo(format_ap_table(metrics))
     click.echo(f"results: {Path(out) / 'coco_instances_results.json'}")
+
+
+# ----------------------------------------------------------------------------------- predict
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Trained head.pt.")
+@click.option("--detector", default="dino-focalnet", show_default=True,
+              help="Detector registry name (the one whose cache trained the head).")
+@click.option("--preset", default=None, help="Architecture preset (default: the detector's official release).")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), help="Official detector checkpoint.")
+@click.option("--random-init", is_flag=True,
+              help="Run without weights: random detector from --seed (to try the command; outputs are meaningless).")
+@click.option("--seed", default=0, show_default=True, help="Seed of --random-init weights.")
+@click.option("--min-size", type=int, help="Test-time resize, shorter side (default: the training cache's).")
+@click.option("--max-size", type=int, help="Test-time resize, longer-side cap (default: the training cache's).")
+@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+              help="Detector compute precision.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda ...")
+@click.option("--score-threshold", default=0.5, show_default=True,
+              help="Draw only instances scoring at least this (the results json keeps the top-N).")
+@click.option("--top-n", type=int, help="Predictions kept per image (default: the checkpoint's evaluate.top_n).")
+@click.option("--ann-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="COCO json whose categories name the classes (default: the one recorded at training).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@impl_option
+@friendly_errors
+def predict(inputs, quiet, **kw):
+    """Detector + trained head on new images (files or folders; no cache needed).
+
+    Writes <out>/coco_instances_results.json, <out>/images.json (images + categories, so
+    COCO("images.json").loadRes(results) works) and one <out>/<image>.png per image with masks,
+    boxes, class names and scores drawn. An image that cannot be decoded is reported and skipped.
+    """
+    from pipeline.predict import PredictOptions, run_predict
+
+    if kw["random_init"]:
+        from pipeline.cache import RANDOM_INIT_BANNER
+
+        click.echo(f"*** {RANDOM_INIT_BANNER} ***", err=True)
+    summary = run_predict(PredictOptions(inputs=list(inputs), progress=not quiet, **kw))
+    for name, why in summary["failed"].items():
+        click.echo(f"WARNING: skipped {name}: {why}", err=True)
+    click.echo(json.dumps(summary, indent=1))
+
+
+# --------------------------------------------------------------------------------- visualize
+@main.command()
+@click.option("--cache", required=True, type=click.Path(file_okay=False, path_type=Path), help="Feature cache.")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Trained head.pt.")
+@click.option("--image-id", required=True, type=int, help="Dataset image id (extracted in --cache).")
+@click.option("--top", default=10, show_default=True, help="Instances drawn, by final score.")
+@click.option("--image-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Image folder (default: <root>/<split>/ beside the cache's annotation file).")
+@click.option("--ann-file", type=click.Path(dir_okay=False, path_type=Path), help="Annotations, if moved.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda ...")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@impl_option
+@friendly_errors
+def visualize(cache, checkpoint, image_id, top, image_dir, ann_file, device, out, impl):
+    """Per-instance mask probability maps inside their boxes (the paper's Figures 4 and 8) as PNGs.
+
+    Writes <out>/<id>_<rank>_<class>.png (crop | probability map | blend) per instance,
+    <out>/<id>_probs.png (all maps pasted, the image's size) and <out>/<id>_instances.json.
+    """
+    from kernels import ops as kernel_ops
+    from pipeline.predict import load_head
+    from pipeline.train import resolve_device
+    from pipeline.visualize import visualize_image
+
+    kernel_ops.configure(impl)
+    dev = resolve_device(device)
+    head, cfg, ckpt = load_head(checkpoint, dev)
+    res = visualize_image(head, cfg, cache, image_id, out, top=top, device=dev, ann_file=ann_file,
+                          image_dir=image_dir, expected_fingerprint=ckpt["fingerprint"])
+    if res["banner"]:
+        click.echo(f"*** {res['banner']} ***", err=True)
+    for inst in res["instances"]:
+        click.echo(f"#{inst['rank']:<3d} {inst['name']:<20s} {inst['score']:.3f}  {inst['png']}")
+    click.echo(f"all maps: {res['probs_png']}")
 
 
 # ------------------------------------------------------------------------------------ params

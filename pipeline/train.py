@@ -31,6 +31,7 @@ from .cache import CacheError, FeatureCache
 from .config import Config, ConfigError, save_config
 from .faults import fault_point
 from .head import HeadConfig, build_head, mask_targets_in_boxes
+from .subsets import mask_subset
 from .utils import WriterLock, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,14 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
     indices = [i for i in done if len(coco.getAnnIds(imgIds=int(cache.image_ids[i]), iscrowd=False)) > 0]
     if not indices:
         raise CacheError(f"{cache_path}: no completely extracted image with non-crowd annotations to train on")
+    if tc.mask_fraction < 1.0:  # label efficiency (pipeline/subsets.py): the masks of a seeded subset
+        all_count = len(indices)
+        indices = mask_subset(indices, tc.mask_fraction, tc.seed)
+        write_bytes_atomic(out / "mask_subset.json", json.dumps(
+            {"mask_fraction": tc.mask_fraction, "seed": tc.seed, "images": len(indices), "of": all_count,
+             "image_ids": [int(cache.image_ids[i]) for i in indices]}).encode())
+        log.info("--mask-fraction %g: training on the masks of %d of %d images (ids in %s)", tc.mask_fraction,
+                 len(indices), all_count, out / "mask_subset.json")
     iters_per_epoch = math.ceil(len(indices) / tc.batch_size)
     total = tc.max_iters if tc.max_iters is not None else tc.epochs * iters_per_epoch
     params = [p for p in head.parameters() if p.requires_grad]

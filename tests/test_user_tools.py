@@ -1,0 +1,114 @@
+"""Users' tools on real images: --mask-fraction, predict (overlays + results json), visualize."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+from pipeline.cache import FeatureCache
+
+from .conftest import COCO_ROOT, REPO, SMALL_EXTRACT, SMALL_HEAD, run_cli
+
+CONFIG = REPO / "configs" / "mfdetr_dino_focalnet_l.yaml"
+
+
+def _sets(extra=()):
+    out = []
+    for s in [*SMALL_HEAD, *extra]:
+        out += ["--set", s]
+    return out
+
+
+@pytest.fixture(scope="module")
+def fraction_run(small_caches, tmp_path_factory):
+    """A 2-iteration head trained with --mask-fraction 0.25 on the 12-image train cache."""
+    run = tmp_path_factory.mktemp("frac") / "run"
+    proc = run_cli("train-head", "--cache", small_caches["train"], "--config", CONFIG, *_sets(),
+                   "--mask-fraction", 0.25, "--max-iters", 2, "--batch-size", 2, "--device", "cpu", "--out", run)
+    return run, proc
+
+
+def test_mask_fraction_trains_on_the_stated_number_of_images(fraction_run, small_caches):
+    run, proc = fraction_run
+    subset = json.loads((run / "mask_subset.json").read_text())
+    cache = FeatureCache.open(small_caches["train"])
+    coco = COCO(str(COCO_ROOT / "annotations" / "instances_train2017.json"))
+    trainable = [int(cache.image_ids[i]) for i in cache.done_indices()
+                 if coco.getAnnIds(imgIds=int(cache.image_ids[i]), iscrowd=False)]
+    assert subset["of"] == len(trainable)
+    assert subset["images"] == len(subset["image_ids"]) == max(1, round(0.25 * len(trainable)))
+    assert set(subset["image_ids"]) <= set(trainable)
+    assert f"training on the masks of {subset['images']} of {len(trainable)} images" in proc.stderr
+    assert "mask_fraction: 0.25" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("bad", ["0", "1.5", "-0.1"])
+def test_mask_fraction_outside_0_1_is_refused(bad, tmp_path, small_caches):
+    proc = run_cli("train-head", "--cache", small_caches["train"], "--mask-fraction", bad, "--max-iters", 1,
+                   "--out", tmp_path / "r", check=False)
+    assert proc.returncode == 2
+    assert "--mask-fraction" in proc.stderr and "(0, 1]" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_predict_writes_overlays_and_loadable_results(fraction_run, tmp_path):
+    run, _ = fraction_run
+    images = tmp_path / "images"
+    images.mkdir()
+    names = sorted(p.name for p in (COCO_ROOT / "val2017").iterdir())[:2]
+    for n in names:
+        shutil.copy(COCO_ROOT / "val2017" / n, images / n)
+    (images / "broken.jpg").write_bytes((COCO_ROOT / "val2017" / names[0]).read_bytes()[:2000])
+    out = tmp_path / "pred"
+    # SMALL_EXTRACT's detector (golden-small, random init, seed 0): the one the head was trained on
+    proc = run_cli("predict", images, "--checkpoint", run / "head.pt", "--detector", "dino-focalnet",
+                   "--preset", "golden-small", "--random-init", "--top-n", 5, "--score-threshold", 0.0,
+                   "--device", "cpu", "--out", out)
+    assert "RANDOM-INIT" in proc.stderr and "broken.jpg" in proc.stderr
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert summary["images"] == 2 and list(summary["failed"]) == [str(images / "broken.jpg")]
+    for n in names:
+        png = out / n.replace(".jpg", ".png")
+        with Image.open(png) as im, Image.open(images / n) as orig:
+            assert im.size == orig.size
+            drawn = np.asarray(im.convert("RGB"), dtype=np.int16)
+            assert np.abs(drawn - np.asarray(orig.convert("RGB"), dtype=np.int16)).max() > 0  # something drawn
+    gt = COCO(str(out / "images.json"))
+    dt = gt.loadRes(str(out / "coco_instances_results.json"))
+    assert len(dt.getAnnIds()) == 2 * 5
+    assert {a["image_id"] for a in dt.loadAnns(dt.getAnnIds())} == set(gt.getImgIds())
+    assert all(a["area"] > 0 or a["segmentation"] for a in dt.loadAnns(dt.getAnnIds()))
+
+
+def test_predict_refuses_another_detector(fraction_run, tmp_path):
+    run, _ = fraction_run
+    img = sorted((COCO_ROOT / "val2017").iterdir())[0]
+    proc = run_cli("predict", img, "--checkpoint", run / "head.pt", "--preset", "golden-small", "--random-init",
+                   "--seed", 1, "--device", "cpu", "--out", tmp_path / "p", check=False)
+    assert proc.returncode == 2 and "checkpoint_sha256" in proc.stderr
+
+
+def test_visualize_writes_probability_maps(fraction_run, small_caches, tmp_path):
+    run, _ = fraction_run
+    cache = FeatureCache.open(small_caches["val"])
+    image_id = int(cache.image_ids[cache.done_indices()[0]])
+    out = tmp_path / "vis"
+    run_cli("visualize", "--cache", small_caches["val"], "--checkpoint", run / "head.pt", "--image-id", image_id,
+            "--top", 3, "--device", "cpu", "--out", out)
+    res = json.loads((out / f"{image_id}_instances.json").read_text())
+    assert len(res["instances"]) == 3
+    info = COCO(str(COCO_ROOT / "annotations" / "instances_val2017.json")).imgs[image_id]
+    with Image.open(res["probs_png"]) as im:
+        assert im.size == (info["width"], info["height"])
+    for inst in res["instances"]:
+        with Image.open(inst["png"]) as im:
+            im.load()
+            assert im.width > 3 * 100 and im.height > 100
+    proc = run_cli("visualize", "--cache", small_caches["val"], "--checkpoint", run / "head.pt", "--image-id", 1,
+                   "--out", out, check=False)
+    assert proc.returncode == 2 and "image id 1" in proc.stderr
