@@ -231,37 +231,91 @@ def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batc
 # ---------------------------------------------------------------------------------- evaluate
 @main.command()
 @click.option("--cache", required=True, type=click.Path(file_okay=False, path_type=Path), help="Cache to evaluate.")
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path), help="head.pt")
-@click.option("--boxes", type=click.Choice(["pred", "gt"]), help="Default: what the head was trained with.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="head.pt (not with --sam).")
+@click.option("--boxes", type=click.Choice(["pred", "gt"]), help="Default: what the head was trained with (--sam: pred).")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda ...")
 @click.option("--ann-file", type=click.Path(dir_okay=False, path_type=Path), help="Annotations, if moved.")
 @click.option("--format-only", is_flag=True, help="Write results json without ground truth (test-dev).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override evaluate.* fields, e.g. --set evaluate.top_n=50.")
+@click.option("--iou-type", "iou_types", multiple=True, type=click.Choice(["segm", "bbox", "boundary"]),
+              help="segm and bbox (official pycocotools) are always reported; 'boundary' adds Boundary IoU AP "
+                   "from faster-coco-eval (unofficial evaluator; extra [eval]).")
+@click.option("--plots", is_flag=True,
+              help="Also write pr_<type>.png (precision-recall curves) and per_category_<type>.png (matplotlib).")
+@click.option("--sam", "sam_kind", type=click.Choice(["sam", "hq-sam"]),
+              help="Zero-training baseline: masks from SAM / HQ-SAM prompted with the same cached boxes (extra [sam]).")
+@click.option("--sam-model", type=click.Choice(["vit_b", "vit_l", "vit_h"]), default="vit_b", show_default=True,
+              help="SAM image encoder size (must match --sam-weights).")
+@click.option("--sam-weights", type=click.Path(dir_okay=False, path_type=Path),
+              help="Official SAM / HQ-SAM checkpoint file (sam_vit_b_01ec64.pth, sam_hq_vit_l.pth, ...).")
+@click.option("--random-init", is_flag=True, help="--sam with random weights (tests the path; masks are meaningless).")
+@click.option("--sam-image-size", default=1024, show_default=True,
+              help="SAM encoder input (1024 for every weight file; smaller only with --random-init, for quick tests).")
+@click.option("--image-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="--sam: image folder (default: <root>/<split>/ beside the cache's annotation file).")
+@click.option("--max-images", type=int, help="--sam: only the first N extracted images (a quick check).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder for coco_instances_results.json and metrics.json.")
 @impl_option
 @friendly_errors
-def evaluate(cache, checkpoint, boxes, device, ann_file, format_only, overrides, out, impl):
-    """COCO mask (segm) and box AP of a trained head; writes results json and metrics.json."""
-    from pipeline.config import apply_overrides, config_from_dict
-    from pipeline.evaluate import format_ap_table
-    from pipeline.head import HeadConfig, build_head
-    from pipeline.inference import evaluate_cache
-    from pipeline.train import load_checkpoint, resolve_device
+def evaluate(cache, checkpoint, boxes, device, ann_file, format_only, overrides, iou_types, plots, sam_kind,
+             sam_model, sam_weights, random_init, sam_image_size, image_dir, max_images, quiet, out, impl):
+    """COCO mask (segm) and box AP of a trained head, or of SAM / HQ-SAM on the same cached boxes.
 
-    ckpt = load_checkpoint(checkpoint)
-    cfg = config_from_dict(apply_overrides(ckpt["config"], list(overrides)), where=str(checkpoint))
-    head = build_head(HeadConfig.from_dict(cfg.head))[0]
-    head.load_state_dict(ckpt["head"])
+    Writes results json and metrics.json; --iou-type boundary adds Boundary AP (unofficial
+    evaluator), --plots the PR-curve and per-category AP PNGs.
+    """
+    from pipeline.cache import FeatureCache
+    from pipeline.config import apply_overrides, config_from_dict, load_config
+    from pipeline.evaluate import format_ap_table
+    from pipeline.inference import evaluate_cache
+    from pipeline.train import resolve_device
+
     dev = resolve_device(device)
-    head.to(dev)
-    metrics = evaluate_cache(head, cfg, cache, out, device=dev, boxes=boxes or cfg.train.boxes, ann_file=ann_file,
-                             format_only=format_only, expected_fingerprint=ckpt["fingerprint"], impl=impl)
+    precisions = {} if plots else None
+    if sam_kind is not None:
+        if checkpoint is not None or format_only:
+            raise ValueError("--sam evaluates SAM's masks: drop --checkpoint / --format-only")
+        from pipeline.sam_baseline import evaluate_sam
+
+        cfg = load_config(None, list(overrides))
+        metrics = evaluate_sam(cfg, cache, out, kind=sam_kind, model=sam_model, weights=sam_weights,
+                               random_init=random_init, image_size=sam_image_size, boxes=boxes or "pred",
+                               device=dev, ann_file=ann_file, image_dir=image_dir, progress=not quiet,
+                               max_images=max_images, precision_out=precisions)
+        if metrics.get("banner"):
+            click.echo(f"*** {metrics['banner']} ***", err=True)
+    else:
+        if checkpoint is None:
+            raise ValueError("--checkpoint head.pt is required (or --sam for the SAM baseline)")
+        if random_init:
+            raise ValueError("--random-init goes with --sam (the head's weights come from --checkpoint)")
+        from pipeline.predict import load_head
+
+        head, cfg, ckpt = load_head(checkpoint, dev, list(overrides))
+        metrics = evaluate_cache(head, cfg, cache, out, device=dev, boxes=boxes or cfg.train.boxes, ann_file=ann_file,
+                                 format_only=format_only, expected_fingerprint=ckpt["fingerprint"], impl=impl,
+                                 progress=not quiet, precision_out=precisions)
     if not format_only:
         click.echo(format_ap_table(metrics))
-    click.echo(f"results: {Path(out) / 'coco_instances_results.json'}")
+        if "boundary" in iou_types:
+            from pipeline.batches import annotation_file
+            from pipeline.faster_eval import add_boundary_ap
 
+            fc = FeatureCache.open(cache)
+            ids = [int(fc.image_ids[i]) for i in fc.done_indices()][:max_images]
+            m = add_boundary_ap(out, annotation_file(fc.fingerprint, ann_file), ids, banner=metrics.get("banner"))
+            metrics["boundary"] = m
+            if precisions is not None:
+                precisions["boundary"] = m["_precision"]
+        if plots:
+            from pipeline.plots import write_plots
+
+            for p in write_plots(metrics, precisions, out):
+                click.echo(f"plot: {p}")
+    click.echo(f"results: {Path(out) / 'coco_instances_results.json'}")
 
 # ----------------------------------------------------------------------------------- predict
 @main.command()

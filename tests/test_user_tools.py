@@ -47,13 +47,21 @@ def test_mask_fraction_trains_on_the_stated_number_of_images(fraction_run, small
     assert "mask_fraction: 0.25" in (run / "config.yaml").read_text()
 
 
-@pytest.mark.parametrize("bad", ["0", "1.5", "-0.1"])
-def test_mask_fraction_outside_0_1_is_refused(bad, tmp_path, small_caches):
-    proc = run_cli("train-head", "--cache", small_caches["train"], "--mask-fraction", bad, "--max-iters", 1,
+def test_mask_fraction_outside_0_1_is_refused(tmp_path, small_caches):
+    from pipeline.config import ConfigError, load_config
+    from pipeline.subsets import check_mask_fraction
+
+    proc = run_cli("train-head", "--cache", small_caches["train"], "--mask-fraction", "0", "--max-iters", 1,
                    "--out", tmp_path / "r", check=False)
     assert proc.returncode == 2
     assert "--mask-fraction" in proc.stderr and "(0, 1]" in proc.stderr
     assert not (tmp_path / "r").exists()
+    for bad in (1.5, -0.1, float("nan"), "half"):
+        with pytest.raises(ValueError, match=r"\(0, 1\]"):
+            check_mask_fraction(bad)
+    with pytest.raises(ConfigError, match="train.mask_fraction"):
+        load_config(CONFIG, ["train.mask_fraction=2"])
+    assert check_mask_fraction(1) == 1.0
 
 
 def test_predict_writes_overlays_and_loadable_results(fraction_run, tmp_path):
@@ -112,3 +120,68 @@ def test_visualize_writes_probability_maps(fraction_run, small_caches, tmp_path)
     proc = run_cli("visualize", "--cache", small_caches["val"], "--checkpoint", run / "head.pt", "--image-id", 1,
                    "--out", out, check=False)
     assert proc.returncode == 2 and "image id 1" in proc.stderr
+
+
+def test_evaluate_boundary_and_plots_from_the_cli(fraction_run, small_caches, tmp_path):
+    run, _ = fraction_run
+    out = tmp_path / "eval"
+    proc = run_cli("evaluate", "--cache", small_caches["val"], "--checkpoint", run / "head.pt", "--iou-type",
+                   "boundary", "--plots", "--quiet", "--device", "cpu", "--out", out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"segm", "bbox", "boundary"} <= set(metrics)
+    assert metrics["boundary"]["evaluator"].startswith("unofficial")
+    assert metrics["boundary"]["AP"] is not None and 0 <= metrics["boundary"]["AP"] <= 100
+    assert "unofficial evaluator: faster-coco-eval" in proc.stdout
+    for name in ("pr_segm", "pr_bbox", "pr_boundary", "per_category_segm"):
+        with Image.open(out / f"{name}.png") as im:
+            im.load()
+            assert im.width >= 600
+
+
+def test_sam_baseline_on_cached_boxes_with_random_weights(small_caches, tmp_path):
+    out = tmp_path / "sam"
+    # a reduced encoder input (256 px instead of 1024) keeps ViT-B's forward to seconds on a CPU
+    proc = run_cli("evaluate", "--cache", small_caches["val"], "--sam", "sam", "--sam-model", "vit_b",
+                   "--random-init", "--sam-image-size", 256, "--max-images", 1, "--quiet", "--device", "cpu",
+                   "--out", out)
+    assert "RANDOM-INIT SAM" in proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mask_source"] == "sam vit_b" and metrics["boxes"] == "pred"
+    assert "RANDOM-INIT SAM" in metrics["banner"] and metrics["segm"]["AP"] is not None
+    cache = FeatureCache.open(small_caches["val"])
+    image_id = int(cache.image_ids[cache.done_indices()[0]])
+    item = cache.read(cache.done_indices()[0])
+    results = json.loads((out / "coco_instances_results.json").read_text())
+    assert len(results) == 100 and {r["image_id"] for r in results} == {image_id}
+    assert all(r["segmentation"]["size"] == list(item["orig_size"]) for r in results)
+    # the boxes are the cached ones: every result box is one of the cached query boxes (xyxy pixels)
+    from pipeline.batches import to_xyxy_pixels
+
+    h, w = item["orig_size"]
+    cached = to_xyxy_pixels(item["boxes"].float(), h, w).numpy()
+    for r in results[:10]:
+        x, y, bw, bh = r["bbox"]
+        assert np.abs(cached - np.array([x, y, x + bw, y + bh])).max(axis=1).min() < 1e-3
+    gt = COCO(str(COCO_ROOT / "annotations" / "instances_val2017.json"))
+    assert len(gt.loadRes(str(out / "coco_instances_results.json")).getAnnIds()) == 100
+
+
+def test_hq_sam_masks_on_boxes_and_wrong_size_weights_refused(tmp_path, small_caches):
+    import torch
+
+    from pipeline.sam_baseline import build_sam, sam_masks
+
+    torch.manual_seed(0)
+    img = np.asarray(Image.open(sorted((COCO_ROOT / "val2017").iterdir())[0]).convert("RGB"))
+    sam = build_sam("hq-sam", "vit_b", image_size=256)
+    from segment_anything_hq import SamPredictor
+
+    boxes = torch.tensor([[10.0, 20.0, 200.0, 220.0], [50.0, 60.0, 120.0, 300.0]])
+    masks = sam_masks(SamPredictor(sam), "hq-sam", img, boxes)
+    assert masks.shape == (2,) + img.shape[:2] and masks.dtype == torch.bool
+
+    wrong = tmp_path / "sam_vit_l_like.pth"
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(1024, 3, 16, 16)}, wrong)
+    proc = run_cli("evaluate", "--cache", small_caches["val"], "--sam", "sam", "--sam-model", "vit_b",
+                   "--sam-weights", wrong, "--out", tmp_path / "e", check=False)
+    assert proc.returncode == 2 and "holds vit_l, not --sam-model vit_b" in proc.stderr
