@@ -195,11 +195,14 @@ def check_weights(detector, preset, weights):
               help="Training annotations, if moved since extraction.")
 @click.option("--val-ann-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Validation annotations, if moved since extraction.")
+@click.option("--tensorboard", is_flag=True,
+              help="Also write the metrics as TensorBoard scalars to <out>/tensorboard (extra [tensorboard]).")
+@click.option("--quiet", is_flag=True, help="No progress bar and only warnings in the log (metrics.jsonl is unchanged).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
 @impl_option
 @friendly_errors
 def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batch_size, boxes, mask_fraction,
-               device, resume, ann_file, val_ann_file, out, impl):
+               device, resume, ann_file, val_ann_file, tensorboard, quiet, out, impl):
     """Train the mask head from the cache only (the detector is never built).
 
     Writes <out>/config.yaml (resolved), <out>/metrics.jsonl, <out>/checkpoint.pt (latest) and
@@ -219,8 +222,10 @@ def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batc
         if val is not None:
             extra.append(f"train.{key}={val}")
     cfg = load_config(config_path, extra)
+    if quiet:
+        logging.getLogger().setLevel(logging.WARNING)
     result = train(cfg, cache, out, val_cache=val_cache, resume=resume, device=device, ann_file=ann_file,
-                   val_ann_file=val_ann_file, impl=impl)
+                   val_ann_file=val_ann_file, impl=impl, progress=not quiet, tensorboard=tensorboard)
     if result["resumed_at"] is not None:
         click.echo(f"resumed at step {result['resumed_at']}; trained {result['steps_run']} more step(s)")
     click.echo(f"head: {result['head']} (step {result['step']})")
@@ -395,6 +400,43 @@ def visualize(cache, checkpoint, image_id, top, image_dir, ann_file, device, out
     for inst in res["instances"]:
         click.echo(f"#{inst['rank']:<3d} {inst['name']:<20s} {inst['score']:.3f}  {inst['png']}")
     click.echo(f"all maps: {res['probs_png']}")
+
+
+# ----------------------------------------------------------------------- benchmark-inference
+@main.command("benchmark-inference")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--detector", default="dino-focalnet", show_default=True, help="Detector registry name.")
+@click.option("--preset", default=None, help="Architecture preset (default: the detector's official release).")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), help="Official detector checkpoint.")
+@click.option("--random-init", is_flag=True, help="Random detector weights (timings are the same).")
+@click.option("--seed", default=0, show_default=True, help="Seed of random weights (detector; head without --checkpoint).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
+              help="Trained head.pt (default: a random head built from --config with the detector's widths).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path(__file__).parent / "configs" / "mfdetr_dino_focalnet_l.yaml", show_default=True,
+              help="Head config when no --checkpoint is given.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field (repeatable).")
+@click.option("--min-size", default=800, show_default=True, help="Test-time resize: shorter side, pixels.")
+@click.option("--max-size", default=1333, show_default=True, help="Test-time resize: longer-side cap, pixels.")
+@click.option("--top-k", default=100, show_default=True, help="Queries per image given to the head.")
+@click.option("--num-images", default=5, show_default=True, help="Timed images (after --warmup untimed ones).")
+@click.option("--warmup", default=1, show_default=True, help="Untimed warm-up images.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda ...")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@impl_option
+@friendly_errors
+def benchmark_inference(inputs, config_path, as_json, quiet, **kw):
+    """Inference cost on this device: detector ms/image, head ms/image, images/s, head ▲FLOPs and ▲#params.
+
+    INPUTS: image files or folders (the first --warmup + --num-images are used). The last line
+    is images_per_s=<value>.
+    """
+    from pipeline.benchmark import BenchmarkOptions, format_report, run_benchmark
+
+    kw["overrides"] = list(kw["overrides"])
+    report = run_benchmark(BenchmarkOptions(inputs=list(inputs), config=config_path, progress=not quiet, **kw))
+    click.echo(json.dumps(report, indent=1) if as_json else format_report(report))
 
 
 # ------------------------------------------------------------------------------------ params

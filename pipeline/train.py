@@ -146,7 +146,8 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: str | Path | None = None,
           resume: bool = False, device: str = "auto", ann_file: str | Path | None = None,
-          val_ann_file: str | Path | None = None, progress: bool = True, impl: str = "auto") -> dict:
+          val_ann_file: str | Path | None = None, progress: bool = True, impl: str = "auto",
+          tensorboard: bool = False) -> dict:
     """Train the head on a cache; write ``<out>/head.pt``, ``metrics.jsonl``, ``config.yaml``.
 
     Args:
@@ -161,6 +162,9 @@ def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: st
         impl: deformable-attention kernel (:data:`kernels.ops.IMPLS`): a run-time choice, logged
             and written to every ``metrics.jsonl`` step record (``"impl"``: the kernel that ran),
             not part of the config (a resumed run may change it).
+        progress: show the progress bar (``--quiet`` turns it off).
+        tensorboard: also write every ``metrics.jsonl`` record as TensorBoard scalars to
+            ``<out>/tensorboard`` (:class:`pipeline.tensorboard_log.TensorBoardMirror`).
 
     Returns:
         ``{"step": int, "resumed_at": step the run resumed at (None for a fresh run),
@@ -173,11 +177,12 @@ def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: st
     out.mkdir(parents=True, exist_ok=True)
     with WriterLock(out / "train.lock", command="train-head"):
         return _train_locked(cfg, cache_path, out, val_cache=val_cache, resume=resume, device=device,
-                             ann_file=ann_file, val_ann_file=val_ann_file, progress=progress, impl=impl)
+                             ann_file=ann_file, val_ann_file=val_ann_file, progress=progress, impl=impl,
+                             tensorboard=tensorboard)
 
 
 def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, device, ann_file, val_ann_file,
-                  progress, impl) -> dict:
+                  progress, impl, tensorboard=False) -> dict:
     """:func:`train` once the run directory's lock is held."""
     tc = cfg.train
     if tc.boxes not in ("pred", "gt"):
@@ -250,6 +255,10 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
 
     dataset = CachedImages(cache_path, indices, tc.encoder_layer, ann, with_gt=True)
     metrics_file = _open_metrics_log(out / "metrics.jsonl", step)
+    if tensorboard:  # scalars beside the JSON lines (optional extra)
+        from .tensorboard_log import TensorBoardMirror
+
+        metrics_file = TensorBoardMirror(metrics_file, out / "tensorboard", purge_step=step if resume else None)
     kernel = impl_info["resolved"].get(dev.type, impl_info["impl"])  # the kernel this run's steps use
     start_step = step
     autocast = tc.amp and dev.type == "cuda"

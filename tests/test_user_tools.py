@@ -26,10 +26,11 @@ def _sets(extra=()):
 
 @pytest.fixture(scope="module")
 def fraction_run(small_caches, tmp_path_factory):
-    """A 2-iteration head trained with --mask-fraction 0.25 on the 12-image train cache."""
+    """A 2-iteration head trained with --mask-fraction 0.25 on the 12-image train cache (--tensorboard, --quiet)."""
     run = tmp_path_factory.mktemp("frac") / "run"
     proc = run_cli("train-head", "--cache", small_caches["train"], "--config", CONFIG, *_sets(),
-                   "--mask-fraction", 0.25, "--max-iters", 2, "--batch-size", 2, "--device", "cpu", "--out", run)
+                   "--mask-fraction", 0.25, "--max-iters", 2, "--batch-size", 2, "--device", "cpu",
+                   "--tensorboard", "--quiet", "--out", run)
     return run, proc
 
 
@@ -43,8 +44,21 @@ def test_mask_fraction_trains_on_the_stated_number_of_images(fraction_run, small
     assert subset["of"] == len(trainable)
     assert subset["images"] == len(subset["image_ids"]) == max(1, round(0.25 * len(trainable)))
     assert set(subset["image_ids"]) <= set(trainable)
-    assert f"training on the masks of {subset['images']} of {len(trainable)} images" in proc.stderr
     assert "mask_fraction: 0.25" in (run / "config.yaml").read_text()
+
+
+def test_tensorboard_scalars_beside_jsonl_and_quiet(fraction_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, proc = fraction_run
+    assert "train-head:" not in proc.stderr and " INFO " not in proc.stderr  # --quiet: no bar, no info lines
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert "train/loss" in events.Tags()["scalars"] and "train/lr" in events.Tags()["scalars"]
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [s["step"] for s in steps]
+    assert [e.value for e in loss] == pytest.approx([s["loss"] for s in steps], rel=1e-6)
 
 
 def test_mask_fraction_outside_0_1_is_refused(tmp_path, small_caches):
@@ -185,3 +199,26 @@ def test_hq_sam_masks_on_boxes_and_wrong_size_weights_refused(tmp_path, small_ca
     proc = run_cli("evaluate", "--cache", small_caches["val"], "--sam", "sam", "--sam-model", "vit_b",
                    "--sam-weights", wrong, "--out", tmp_path / "e", check=False)
     assert proc.returncode == 2 and "holds vit_l, not --sam-model vit_b" in proc.stderr
+
+
+def test_benchmark_inference_reports_speed_flops_params(tmp_path):
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.detectors import detector_widths
+    from pipeline.flops import count_gflops
+    from pipeline.head import HeadConfig, build_head, count_parameters
+
+    lin = torch.nn.Linear(64, 32)
+    assert count_gflops(lambda: lin(torch.zeros(10, 64))) == pytest.approx(10 * 64 * 32 / 1e9)
+    images = sorted((COCO_ROOT / "val2017").iterdir())[:2]
+    proc = run_cli("benchmark-inference", *images, "--preset", "golden-small", "--random-init", "--min-size", 160,
+                   "--max-size", 240, "--top-k", 30, "--num-images", 1, "--warmup", 1, *_sets(), "--device", "cpu",
+                   "--json", "--quiet")
+    r = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert r["images"] == 1 and r["detector_ms"] > 0 and r["head_ms"] > 0 and r["post_ms"] > 0
+    assert r["images_per_s"] == pytest.approx(1000 / (r["detector_ms"] + r["head_ms"] + r["post_ms"]))
+    cfg = load_config(CONFIG, list(SMALL_HEAD))
+    head = build_head(HeadConfig.from_dict(cfg.head).with_widths(**detector_widths("dino-focalnet", "golden-small")))[0]
+    assert r["head_params"] == count_parameters(head)
+    assert r["head_gflops"] > 0.1  # the box encoder alone: 30 boxes x 32 x 32 tokens through 64-d layers
