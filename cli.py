@@ -90,7 +90,9 @@ def main(verbose):
     \b
     1. extract      run the frozen detector once over a COCO-format dataset into a Zarr cache
     2. train-head   train the mask head from the cache only
-    3. evaluate     COCO mask and box AP of a trained head on a cache
+    3. evaluate     COCO mask and box AP of a trained head on a cache (or of SAM on the same boxes)
+    
+    predict, visualize, benchmark-inference: masks on your own images, what the head sees, inference cost
     """
     _setup_logging(verbose)
 
@@ -295,8 +297,9 @@ def evaluate(cache, checkpoint, boxes, device, ann_file, format_only, overrides,
     else:
         if checkpoint is None:
             raise ValueError("--checkpoint head.pt is required (or --sam for the SAM baseline)")
-        if random_init:
-            raise ValueError("--random-init goes with --sam (the head's weights come from --checkpoint)")
+        if random_init or max_images is not None or sam_weights is not None:
+            raise ValueError("--random-init, --sam-weights and --max-images go with --sam (the head's weights come "
+                             "from --checkpoint; it evaluates every extracted image)")
         from pipeline.predict import load_head
 
         head, cfg, ckpt = load_head(checkpoint, dev, list(overrides))
