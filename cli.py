@@ -91,7 +91,9 @@ def main(verbose):
     \b
     1. extract      run the frozen detector once over a COCO-format dataset into a Zarr cache
     2. train-head   train the mask head from the cache only
-    3. evaluate     COCO mask and box AP of a trained head on a cache
+    3. evaluate     COCO mask and box AP of a trained head on a cache (or of SAM on the same boxes)
+    
+    predict, visualize, benchmark-inference: masks on your own images, what the head sees, inference cost
     """
     _setup_logging(verbose)
 
@@ -246,17 +248,23 @@ def check_weights(detector, preset, weights):
 @click.option("--batch-size", type=int, help="Images per iteration (paper: 8; 2 and 4 supported).")
 @click.option("--boxes", type=click.Choice(["pred", "gt"]),
               help="Train (and evaluate) on the detector's boxes or on ground-truth boxes.")
+@click.option("--mask-fraction", type=float,
+              help="Train on the masks of this seeded fraction (0, 1] of the cache's images (label efficiency; "
+                   "shortcut for --set train.mask_fraction=F). The ids used go to <out>/mask_subset.json.")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1 ...")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--ann-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Training annotations, if moved since extraction.")
 @click.option("--val-ann-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Validation annotations, if moved since extraction.")
+@click.option("--tensorboard", is_flag=True,
+              help="Also write the metrics as TensorBoard scalars to <out>/tensorboard (extra [tensorboard]).")
+@click.option("--quiet", is_flag=True, help="No progress bar and only warnings in the log (metrics.jsonl is unchanged).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
 @impl_option
 @friendly_errors
-def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batch_size, boxes, device, resume,
-               ann_file, val_ann_file, out, impl):
+def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batch_size, boxes, mask_fraction,
+               device, resume, ann_file, val_ann_file, tensorboard, quiet, out, impl):
     """Train the mask head from the cache only (the detector is never built).
 
     Writes <out>/config.yaml (resolved), <out>/metrics.jsonl, <out>/checkpoint.pt (latest) and
@@ -267,12 +275,19 @@ def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batc
     from pipeline.train import train
 
     extra = list(overrides)
-    for key, val in (("epochs", epochs), ("max_iters", max_iters), ("batch_size", batch_size), ("boxes", boxes)):
+    if mask_fraction is not None:
+        from pipeline.subsets import check_mask_fraction
+
+        check_mask_fraction(mask_fraction)
+    for key, val in (("epochs", epochs), ("max_iters", max_iters), ("batch_size", batch_size), ("boxes", boxes),
+                     ("mask_fraction", mask_fraction)):
         if val is not None:
             extra.append(f"train.{key}={val}")
     cfg = load_config(config_path, extra)
+    if quiet:
+        logging.getLogger().setLevel(logging.WARNING)
     result = train(cfg, cache, out, val_cache=val_cache, resume=resume, device=device, ann_file=ann_file,
-                   val_ann_file=val_ann_file, impl=impl)
+                   val_ann_file=val_ann_file, impl=impl, progress=not quiet, tensorboard=tensorboard)
     if result["resumed_at"] is not None:
         click.echo(f"resumed at step {result['resumed_at']}; trained {result['steps_run']} more step(s)")
     click.echo(f"head: {result['head']} (step {result['step']})")
@@ -283,26 +298,51 @@ def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batc
 # ---------------------------------------------------------------------------------- evaluate
 @main.command()
 @click.option("--cache", required=True, type=click.Path(file_okay=False, path_type=Path), help="Cache to evaluate.")
-@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="head.pt (with --head trained).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="head.pt (with --head trained; not with --sam).")
 @click.option("--head", "head_kind", type=click.Choice(["trained", "baseline"]), default="trained", show_default=True,
               help="trained = the head in --checkpoint; baseline = the training-free baseline of Eq. 1-4 "
                    "(Table 1), built from --config with the cache's widths, no checkpoint.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               default=Path(__file__).parent / "configs" / "ablations" / "t1_roialign_on_quarter_on.yaml",
               show_default=True, help="Config of the --head baseline (must have no trainable parameters).")
-@click.option("--boxes", type=click.Choice(["pred", "gt"]), help="Default: what the head was trained with.")
+@click.option("--boxes", type=click.Choice(["pred", "gt"]), help="Default: what the head was trained with (--sam: pred).")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda ...")
 @click.option("--ann-file", type=click.Path(dir_okay=False, path_type=Path), help="Annotations, if moved.")
 @click.option("--format-only", is_flag=True, help="Write results json without ground truth (test-dev).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override evaluate.* fields, e.g. --set evaluate.top_n=50 (with --head baseline also head.*).")
+@click.option("--iou-type", "iou_types", multiple=True, type=click.Choice(["segm", "bbox", "boundary"]),
+              help="segm and bbox (official pycocotools) are always reported; 'boundary' adds Boundary IoU AP "
+                   "from faster-coco-eval (unofficial evaluator; extra [eval]).")
+@click.option("--plots", is_flag=True,
+              help="Also write pr_<type>.png (precision-recall curves) and per_category_<type>.png (matplotlib).")
+@click.option("--sam", "sam_kind", type=click.Choice(["sam", "hq-sam"]),
+              help="Zero-training baseline: masks from SAM / HQ-SAM prompted with the same cached boxes (extra [sam]).")
+@click.option("--sam-model", type=click.Choice(["vit_b", "vit_l", "vit_h"]), default="vit_b", show_default=True,
+              help="SAM image encoder size (must match --sam-weights).")
+@click.option("--sam-weights", type=click.Path(dir_okay=False, path_type=Path),
+              help="Official SAM / HQ-SAM checkpoint file (sam_vit_b_01ec64.pth, sam_hq_vit_l.pth, ...).")
+@click.option("--random-init", is_flag=True, help="--sam with random weights (tests the path; masks are meaningless).")
+@click.option("--sam-image-size", default=1024, show_default=True,
+              help="SAM encoder input (1024 for every weight file; smaller only with --random-init, for quick tests).")
+@click.option("--image-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="--sam: image folder (default: <root>/<split>/ beside the cache's annotation file).")
+@click.option("--max-images", type=int, help="--sam: only the first N extracted images (a quick check).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder for coco_instances_results.json and metrics.json.")
 @impl_option
 @friendly_errors
-def evaluate(cache, checkpoint, head_kind, config_path, boxes, device, ann_file, format_only, overrides, out, impl):
-    """COCO mask (segm) and box AP of a trained head (or of the training-free baseline); writes
-    results json and metrics.json."""
+def evaluate(cache, checkpoint, head_kind, config_path, boxes, device, ann_file, format_only, overrides, iou_types,
+             plots, sam_kind, sam_model, sam_weights, random_init, sam_image_size, image_dir, max_images, quiet, out,
+             impl):
+    """COCO mask (segm) and box AP of a trained head, of the training-free baseline (--head baseline),
+    or of SAM / HQ-SAM on the same cached boxes (--sam).
+
+    Writes results json and metrics.json; --iou-type boundary adds Boundary AP (unofficial
+    evaluator), --plots the PR-curve and per-category AP PNGs.
+    """
+    from pipeline.cache import FeatureCache
     from pipeline.checkpoint import load_head
     from pipeline.config import load_config
     from pipeline.evaluate import format_ap_table
@@ -310,22 +350,172 @@ def evaluate(cache, checkpoint, head_kind, config_path, boxes, device, ann_file,
     from pipeline.train import resolve_device
 
     dev = resolve_device(device)
-    if head_kind == "baseline":
-        if checkpoint is not None:
-            raise ValueError("--head baseline has no trained weights: drop --checkpoint")
-        cfg = load_config(config_path, list(overrides))
-        head, fingerprint = baseline_head(cfg, cache), None
-        head.to(dev)
+    precisions = {} if plots else None
+    if sam_kind is not None:
+        if checkpoint is not None or format_only or head_kind != "trained":
+            raise ValueError("--sam evaluates SAM's masks: drop --checkpoint / --format-only / --head")
+        from pipeline.sam_baseline import evaluate_sam
+
+        cfg = load_config(None, list(overrides))
+        metrics = evaluate_sam(cfg, cache, out, kind=sam_kind, model=sam_model, weights=sam_weights,
+                               random_init=random_init, image_size=sam_image_size, boxes=boxes or "pred",
+                               device=dev, ann_file=ann_file, image_dir=image_dir, progress=not quiet,
+                               max_images=max_images, precision_out=precisions)
+        if metrics.get("banner"):
+            click.echo(f"*** {metrics['banner']} ***", err=True)
     else:
-        if checkpoint is None:
-            raise ValueError("--checkpoint is required with --head trained (or pass --head baseline)")
-        head, _, cfg, ckpt = load_head(checkpoint, list(overrides), device=dev)
-        fingerprint = ckpt["fingerprint"]
-    metrics = evaluate_cache(head, cfg, cache, out, device=dev, boxes=boxes or cfg.train.boxes, ann_file=ann_file,
-                             format_only=format_only, expected_fingerprint=fingerprint, impl=impl)
+        if random_init or max_images is not None or sam_weights is not None:
+            raise ValueError("--random-init, --sam-weights and --max-images go with --sam (the head's weights come "
+                             "from --checkpoint; it evaluates every extracted image)")
+        if head_kind == "baseline":
+            if checkpoint is not None:
+                raise ValueError("--head baseline has no trained weights: drop --checkpoint")
+            cfg = load_config(config_path, list(overrides))
+            head, fingerprint = baseline_head(cfg, cache), None
+            head.to(dev)
+        else:
+            if checkpoint is None:
+                raise ValueError("--checkpoint head.pt is required with --head trained (or pass --head baseline, "
+                                 "or --sam for the SAM baseline)")
+            head, _, cfg, ckpt = load_head(checkpoint, list(overrides), device=dev)
+            fingerprint = ckpt["fingerprint"]
+        metrics = evaluate_cache(head, cfg, cache, out, device=dev, boxes=boxes or cfg.train.boxes, ann_file=ann_file,
+                                 format_only=format_only, expected_fingerprint=fingerprint, impl=impl,
+                                 progress=not quiet, precision_out=precisions)
     if not format_only:
         click.echo(format_ap_table(metrics))
+        if "boundary" in iou_types:
+            from pipeline.batches import annotation_file
+            from pipeline.faster_eval import add_boundary_ap
+
+            fc = FeatureCache.open(cache)
+            ids = [int(fc.image_ids[i]) for i in fc.done_indices()][:max_images]
+            m = add_boundary_ap(out, annotation_file(fc.fingerprint, ann_file), ids, banner=metrics.get("banner"))
+            metrics["boundary"] = m
+            if precisions is not None:
+                precisions["boundary"] = m["_precision"]
+        if plots:
+            from pipeline.plots import write_plots
+
+            for p in write_plots(metrics, precisions, out):
+                click.echo(f"plot: {p}")
     click.echo(f"results: {Path(out) / 'coco_instances_results.json'}")
+
+# ----------------------------------------------------------------------------------- predict
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Trained head.pt.")
+@click.option("--detector", default="dino-focalnet", show_default=True,
+              help="Detector registry name (the one whose cache trained the head).")
+@click.option("--preset", default=None, help="Architecture preset (default: the detector's official release).")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), help="Official detector checkpoint.")
+@click.option("--random-init", is_flag=True,
+              help="Run without weights: random detector from --seed (to try the command; outputs are meaningless).")
+@click.option("--seed", default=0, show_default=True, help="Seed of --random-init weights.")
+@click.option("--min-size", type=int, help="Test-time resize, shorter side (default: the training cache's).")
+@click.option("--max-size", type=int, help="Test-time resize, longer-side cap (default: the training cache's).")
+@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+              help="Detector compute precision.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda ...")
+@click.option("--score-threshold", default=0.5, show_default=True,
+              help="Draw only instances scoring at least this (the results json keeps the top-N).")
+@click.option("--top-n", type=int, help="Predictions kept per image (default: the checkpoint's evaluate.top_n).")
+@click.option("--ann-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="COCO json whose categories name the classes (default: the one recorded at training).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@impl_option
+@friendly_errors
+def predict(inputs, quiet, **kw):
+    """Detector + trained head on new images (files or folders; no cache needed).
+
+    Writes <out>/coco_instances_results.json, <out>/images.json (images + categories, so
+    COCO("images.json").loadRes(results) works) and one <out>/<image>.png per image with masks,
+    boxes, class names and scores drawn. An image that cannot be decoded is reported and skipped.
+    """
+    from pipeline.predict import PredictOptions, run_predict
+
+    if kw["random_init"]:
+        from pipeline.cache import RANDOM_INIT_BANNER
+
+        click.echo(f"*** {RANDOM_INIT_BANNER} ***", err=True)
+    summary = run_predict(PredictOptions(inputs=list(inputs), progress=not quiet, **kw))
+    for name, why in summary["failed"].items():
+        click.echo(f"WARNING: skipped {name}: {why}", err=True)
+    click.echo(json.dumps(summary, indent=1))
+
+
+# --------------------------------------------------------------------------------- visualize
+@main.command()
+@click.option("--cache", required=True, type=click.Path(file_okay=False, path_type=Path), help="Feature cache.")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Trained head.pt.")
+@click.option("--image-id", required=True, type=int, help="Dataset image id (extracted in --cache).")
+@click.option("--top", default=10, show_default=True, help="Instances drawn, by final score.")
+@click.option("--image-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Image folder (default: <root>/<split>/ beside the cache's annotation file).")
+@click.option("--ann-file", type=click.Path(dir_okay=False, path_type=Path), help="Annotations, if moved.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda ...")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@impl_option
+@friendly_errors
+def visualize(cache, checkpoint, image_id, top, image_dir, ann_file, device, out, impl):
+    """Per-instance mask probability maps inside their boxes (the paper's Figures 4 and 8) as PNGs.
+
+    Writes <out>/<id>_<rank>_<class>.png (crop | probability map | blend) per instance,
+    <out>/<id>_probs.png (all maps pasted, the image's size) and <out>/<id>_instances.json.
+    """
+    from kernels import ops as kernel_ops
+    from pipeline.checkpoint import load_head
+    from pipeline.train import resolve_device
+    from pipeline.visualize import visualize_image
+
+    kernel_ops.configure(impl)
+    dev = resolve_device(device)
+    head, postprocess, cfg, ckpt = load_head(checkpoint, device=dev)
+    res = visualize_image(head, cfg, cache, image_id, out, top=top, device=dev, ann_file=ann_file,
+                          image_dir=image_dir, expected_fingerprint=ckpt["fingerprint"], postprocess=postprocess)
+    if res["banner"]:
+        click.echo(f"*** {res['banner']} ***", err=True)
+    for inst in res["instances"]:
+        click.echo(f"#{inst['rank']:<3d} {inst['name']:<20s} {inst['score']:.3f}  {inst['png']}")
+    click.echo(f"all maps: {res['probs_png']}")
+
+
+# ----------------------------------------------------------------------- benchmark-inference
+@main.command("benchmark-inference")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--detector", default="dino-focalnet", show_default=True, help="Detector registry name.")
+@click.option("--preset", default=None, help="Architecture preset (default: the detector's official release).")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), help="Official detector checkpoint.")
+@click.option("--random-init", is_flag=True, help="Random detector weights (timings are the same).")
+@click.option("--seed", default=0, show_default=True, help="Seed of random weights (detector; head without --checkpoint).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
+              help="Trained head.pt (default: a random head built from --config with the detector's widths).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path(__file__).parent / "configs" / "mfdetr_dino_focalnet_l.yaml", show_default=True,
+              help="Head config when no --checkpoint is given.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field (repeatable).")
+@click.option("--min-size", default=800, show_default=True, help="Test-time resize: shorter side, pixels.")
+@click.option("--max-size", default=1333, show_default=True, help="Test-time resize: longer-side cap, pixels.")
+@click.option("--top-k", default=100, show_default=True, help="Queries per image given to the head.")
+@click.option("--num-images", default=5, show_default=True, help="Timed images (after --warmup untimed ones).")
+@click.option("--warmup", default=1, show_default=True, help="Untimed warm-up images.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda ...")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@impl_option
+@friendly_errors
+def benchmark_inference(inputs, config_path, as_json, quiet, **kw):
+    """Inference cost on this device: detector ms/image, head ms/image, images/s, head ▲FLOPs and ▲#params.
+
+    INPUTS: image files or folders (the first --warmup + --num-images are used). The last line
+    is images_per_s=<value>.
+    """
+    from pipeline.benchmark import BenchmarkOptions, format_report, run_benchmark
+
+    kw["overrides"] = list(kw["overrides"])
+    report = run_benchmark(BenchmarkOptions(inputs=list(inputs), config=config_path, progress=not quiet, **kw))
+    click.echo(json.dumps(report, indent=1) if as_json else format_report(report))
 
 
 # ------------------------------------------------------------------------------------ params

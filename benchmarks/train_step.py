@@ -69,7 +69,7 @@ def main(cache_path, config_path, small_head, steps, batch_size, num_workers, de
     order = [indices[(s * batch_size + j) % len(indices)] for s in range(steps) for j in range(batch_size)]
     ds = CachedImages(cache_path, order, layer, ann, with_gt=True)
     torch.manual_seed(0)
-    head, criterion, _ = build_head(HeadConfig.from_dict(cfg.head).with_widths(**cache.feature_widths))
+    head, criterion, _ = build_head(cfg.head.with_widths(**cache.feature_widths))
     head.to(dev).train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)

@@ -47,6 +47,7 @@ choice of :data:`CODECS`; ``auto`` takes :data:`AUTO_CODECS`, chosen by
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -215,6 +216,51 @@ def _from_storage(a: np.ndarray, dtype: str, scale: np.ndarray | None = None) ->
     if dtype == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def as_stored(record: SampleRecord, fingerprint: dict, encoder_layer: int) -> SampleRecord:
+    """The record a store with ``fingerprint`` would return for ``record`` (written, then read back).
+
+    For a live detector feeding a head trained on a cache (``cli.py predict``): the stored encoder
+    levels (fingerprint ``levels``) are selected, only ``encoder_layer`` is kept, and the features
+    (``queries``, the tokens, ``c1``) are rounded exactly as :meth:`FeatureCache.write` +
+    :meth:`FeatureCache.read` round them (``dtype``, with int8's per-row scales; ``keep_bits`` with
+    numcodecs ``BitRound``), so the head sees the values it was trained on. Other fields are
+    shared, moved to the CPU.
+
+    Args:
+        record: a detector's :class:`~pipeline.record.SampleRecord` of one image.
+        fingerprint: the training cache's fingerprint (``dtype``, ``keep_bits``, ``levels``).
+        encoder_layer: the encoder layer the head reads (1-based).
+
+    Raises:
+        CacheError: ``encoder_layer`` not in the record.
+    """
+    import numcodecs
+
+    if encoder_layer not in record.encoder_tokens:
+        raise CacheError(f"encoder layer {encoder_layer} not extracted (have {sorted(record.encoder_tokens)})")
+    if fingerprint.get("levels") is not None:
+        record = record.select_levels(list(fingerprint["levels"]))
+    dtype, keep_bits = fingerprint["dtype"], fingerprint.get("keep_bits")
+
+    def rounded(rows: torch.Tensor) -> torch.Tensor:  # [R, C] as _put then _get
+        data, scale = _to_storage(rows, dtype)
+        if keep_bits is not None:
+            data = np.asarray(numcodecs.BitRound(keepbits=int(keep_bits)).encode(data)).view(data.dtype).reshape(data.shape)
+        return _from_storage(data, dtype, scale)
+
+    c1 = record.c1.detach().cpu()
+    h1, w1 = c1.shape[-2:]
+    return dataclasses.replace(
+        record, queries=rounded(record.queries), logits=record.logits.detach().to("cpu", torch.float32),
+        boxes=record.boxes.detach().to("cpu", torch.float32),
+        query_index=record.query_index.detach().to("cpu", torch.int64),
+        encoder_tokens={encoder_layer: rounded(record.encoder_tokens[encoder_layer])},
+        spatial_shapes=record.spatial_shapes.detach().to("cpu", torch.int64),
+        level_start_index=record.level_start_index.detach().to("cpu", torch.int64),
+        valid_ratios=torch.as_tensor(record.valid_ratios).detach().to("cpu", torch.float32),
+        c1=rounded(c1.flatten(1).transpose(0, 1)).transpose(0, 1).reshape(-1, h1, w1))
 
 
 def _aligned_offsets(rows: Iterable[int], chunk_rows: int) -> np.ndarray:

@@ -48,6 +48,8 @@ class TrainConfig:
         checkpoint_every: iterations between checkpoints (the final one is always written).
         log_every: iterations between metric lines.
         eval_every_epoch: evaluate on ``--val-cache`` after every epoch (else only at the end).
+        mask_fraction: in (0, 1]: train on the masks of this seeded fraction of the cached images
+            (label efficiency, :mod:`pipeline.subsets`); 1 = all.
     """
 
     epochs: int = 6
@@ -69,6 +71,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 10
     eval_every_epoch: bool = False
+    mask_fraction: float = 1.0
 
 
 @dataclass
@@ -247,8 +250,14 @@ def config_from_dict(raw: dict, where: str = "config") -> Config:
                           f"got {evaluate.top_n} and {evaluate.batch_size}")
     if not 0.0 < evaluate.mask_threshold < 1.0:
         raise ConfigError(f"{where}: evaluate.mask_threshold must be in (0, 1), got {evaluate.mask_threshold}")
-    return Config(head=head_cfg, train=_dataclass_from(TrainConfig, raw.get("train") or {}, f"{where}: train"),
-                  evaluate=evaluate, paper=copy.deepcopy(paper), widths=widths)
+    train = _dataclass_from(TrainConfig, raw.get("train") or {}, f"{where}: train")
+    from .subsets import check_mask_fraction
+
+    try:
+        check_mask_fraction(train.mask_fraction, f"{where}: train.mask_fraction")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return Config(head=head_cfg, train=train, evaluate=evaluate, paper=copy.deepcopy(paper), widths=widths)
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -348,6 +348,7 @@ def evaluate_coco(
     format_only: bool = False,
     image_ids: Sequence[int] | None = None,
     extra: dict | None = None,
+    precision_out: dict | None = None,
 ) -> dict:
     """Write COCO results, run the official COCOeval, print and save the numbers.
 
@@ -377,6 +378,8 @@ def evaluate_coco(
             ``None`` = every image of ``coco_gt``.
         extra: run facts stored as-is at the top level of ``metrics.json`` (e.g. ``{"impl": ...}``,
             the kernel that ran); keys must not clash with iou types or ``banner``.
+        precision_out: if a dict, filled with ``{iou_type: precision [T, R, K, A, M]}`` (COCOeval's
+            accumulated array, for :mod:`pipeline.plots`).
 
     Returns:
         The metrics dict (as written to ``metrics.json`` but with NaN floats kept); ``{}`` (plus
@@ -444,6 +447,8 @@ def evaluate_coco(
         say(f"COCOeval {iou_type} on {len(eval_ids)} images, {len(results)} detections:")
         coco_eval.summarize()  # prints the standard 12-line summary
         m = _derive_metrics(coco_eval, coco_gt)
+        if precision_out is not None:
+            precision_out[iou_type] = coco_eval.eval["precision"]
         metrics[iou_type] = m
         say(_ap_table(iou_type, m))
         say(_per_category_table(iou_type, m["per_category"]))

@@ -101,7 +101,7 @@ def predict_batch(head, postprocess, items: list[SampleRecord], maps: dict, cfg:
 
 def evaluate_cache(head, cfg: Config, cache_path, out_dir, *, device="cpu", boxes: str = "pred",
                    ann_file=None, format_only: bool = False, expected_fingerprint: dict | None = None,
-                   progress: bool = True, impl: str | None = None) -> dict:
+                   progress: bool = True, impl: str | None = None, precision_out: dict | None = None) -> dict:
     """Predict every extracted image of ``cache_path`` and evaluate with COCOeval.
 
     Writes ``<out_dir>/coco_instances_results.json`` and ``<out_dir>/metrics.json`` (atomically).
@@ -115,6 +115,7 @@ def evaluate_cache(head, cfg: Config, cache_path, out_dir, *, device="cpu", boxe
         format_only: write results without ground truth (test-dev); no metrics.
         impl: deformable-attention kernel (:data:`kernels.ops.IMPLS`) to set for this run; None
             keeps the process's setting. Either way it is recorded in ``metrics.json`` (``"impl"``).
+        precision_out: passed to :func:`pipeline.evaluate.evaluate_coco` (PR arrays for plots).
 
     Returns:
         the metrics dict of :func:`pipeline.evaluate.evaluate_coco`.
@@ -146,7 +147,7 @@ def evaluate_cache(head, cfg: Config, cache_path, out_dir, *, device="cpu", boxe
                     sorted(cache.skipped))
     image_ids = [int(cache.image_ids[i]) for i in indices]
     return evaluate_coco(coco, results, out_dir, banner=banner, format_only=format_only, image_ids=image_ids,
-                         extra={"impl": impl_info})
+                         extra={"impl": impl_info}, precision_out=precision_out)
 
 
 def baseline_head(cfg: Config, cache_path):

@@ -33,6 +33,7 @@ from .head import build_head
 from .cache_requirements import check_cache_supports
 from .record import SampleRecord
 from .targets import limit_queries, training_targets
+from .subsets import mask_subset
 from .utils import WriterLock, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,8 @@ def _set_rng_state(state: dict, sample_gen: torch.Generator) -> None:
 
 def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: str | Path | None = None,
           resume: bool = False, device: str = "auto", ann_file: str | Path | None = None,
-          val_ann_file: str | Path | None = None, progress: bool = True, impl: str = "auto") -> dict:
+          val_ann_file: str | Path | None = None, progress: bool = True, impl: str = "auto",
+          tensorboard: bool = False) -> dict:
     """Train the head on a cache; write ``<out>/head.pt``, ``metrics.jsonl``, ``config.yaml``.
 
     Args:
@@ -91,6 +93,9 @@ def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: st
         impl: deformable-attention kernel (:data:`kernels.ops.IMPLS`): a run-time choice, logged
             and written to every ``metrics.jsonl`` step record (``"impl"``: the kernel that ran),
             not part of the config (a resumed run may change it).
+        progress: show the progress bar (``--quiet`` turns it off).
+        tensorboard: also write every ``metrics.jsonl`` record as TensorBoard scalars to
+            ``<out>/tensorboard`` (:class:`pipeline.tensorboard_log.TensorBoardMirror`).
 
     Returns:
         ``{"step": int, "resumed_at": step the run resumed at (None for a fresh run),
@@ -103,11 +108,12 @@ def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: st
     out.mkdir(parents=True, exist_ok=True)
     with WriterLock(out / "train.lock", command="train-head"):
         return _train_locked(cfg, cache_path, out, val_cache=val_cache, resume=resume, device=device,
-                             ann_file=ann_file, val_ann_file=val_ann_file, progress=progress, impl=impl)
+                             ann_file=ann_file, val_ann_file=val_ann_file, progress=progress, impl=impl,
+                             tensorboard=tensorboard)
 
 
 def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, device, ann_file, val_ann_file,
-                  progress, impl) -> dict:
+                  progress, impl, tensorboard=False) -> dict:
     """:func:`train` once the run directory's lock is held."""
     tc = cfg.train
     if tc.boxes not in ("pred", "gt"):
@@ -138,6 +144,14 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
     indices = [i for i in done if len(coco.getAnnIds(imgIds=int(cache.image_ids[i]), iscrowd=False)) > 0]
     if not indices:
         raise CacheError(f"{cache_path}: no completely extracted image with non-crowd annotations to train on")
+    if tc.mask_fraction < 1.0:  # label efficiency (pipeline/subsets.py): the masks of a seeded subset
+        all_count = len(indices)
+        indices = mask_subset(indices, tc.mask_fraction, tc.seed)
+        write_bytes_atomic(out / "mask_subset.json", json.dumps(
+            {"mask_fraction": tc.mask_fraction, "seed": tc.seed, "images": len(indices), "of": all_count,
+             "image_ids": [int(cache.image_ids[i]) for i in indices]}).encode())
+        log.info("--mask-fraction %g: training on the masks of %d of %d images (ids in %s)", tc.mask_fraction,
+                 len(indices), all_count, out / "mask_subset.json")
     iters_per_epoch = math.ceil(len(indices) / tc.batch_size)
     total = tc.max_iters if tc.max_iters is not None else tc.epochs * iters_per_epoch
     params = [p for p in head.parameters() if p.requires_grad]
@@ -169,6 +183,10 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
 
     dataset = CachedImages(cache_path, indices, tc.encoder_layer, ann, with_gt=True)
     metrics_file = _open_metrics_log(out / "metrics.jsonl", step)
+    if tensorboard:  # scalars beside the JSON lines (optional extra)
+        from .tensorboard_log import TensorBoardMirror
+
+        metrics_file = TensorBoardMirror(metrics_file, out / "tensorboard", purge_step=step if resume else None)
     kernel = impl_info["resolved"].get(dev.type, impl_info["impl"])  # the kernel this run's steps use
     start_step = step
     autocast = tc.amp and dev.type == "cuda"
