@@ -3,6 +3,7 @@
 import pytest
 
 from pipeline.config import ConfigError, load_config, save_config
+from pipeline.detectors import detector_widths
 from pipeline.head import HeadConfig, build_head, count_parameters
 
 from .conftest import REPO
@@ -15,8 +16,17 @@ def test_every_shipped_config_builds(path):
     cfg = load_config(path)
     head_cfg = cfg.head
     assert not head_cfg.has_widths  # the detector-dependent widths come from the cache, never from a config
-    for widths in ({"c1_channels": 192, "num_feature_levels": 5}, {"c1_channels": 256, "num_feature_levels": 4}):
-        assert count_parameters(build_head(head_cfg.with_widths(**widths))[0]) > 0
+    # a row built for one detector's widths (its `widths:` line) is checked with those; others with both
+    choices = ([detector_widths(cfg.widths)] if cfg.widths is not None else
+               [{"c1_channels": 192, "num_feature_levels": 5}, {"c1_channels": 256, "num_feature_levels": 4}])
+    for widths in choices:
+        head = build_head(head_cfg.with_widths(**widths))[0]
+        # only a head with no trained component (the training-free baseline of Eq. 1-4) has no parameters
+        h = head_cfg
+        untrained = not (h.image_encoder_layers or h.box_encoder_layers or h.mask_scoring or h.box_pos_embed
+                         or h.query_ffn or h.query_b2o or h.query_o2o or (h.neck and h.fuse_c1)
+                         or h.box_dim != h.hidden_dim)
+        assert (count_parameters(head) == 0) == untrained, path.name
 
 
 def test_default_is_the_paper_recipe():
@@ -32,7 +42,8 @@ def test_default_is_the_paper_recipe():
 def test_overrides_base_and_errors(tmp_path):
     cfg = load_config(REPO / "configs" / "ablations" / "t4_hidden64.yaml", ["train.lr=1e-3", "head.roi_size=16"])
     assert cfg.head.box_dim == 64 and cfg.head.roi_size == 16 and cfg.train.lr == 1e-3
-    assert cfg.head.image_encoder_layers == 3  # from the base file
+    base = load_config(REPO / "configs" / "mfdetr_hdetr_r50.yaml")  # t4_hidden64's base
+    assert cfg.head.image_encoder_layers == base.head.image_encoder_layers == 2  # from the base file
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml").to_dict() == cfg.to_dict()
     with pytest.raises(ConfigError, match="unknown key.*'lrr'"):
