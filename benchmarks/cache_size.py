@@ -40,7 +40,7 @@ from numcodecs import Blosc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.batches import CachedImages, annotation_file, image_features  # noqa: E402
+from pipeline.batches import annotation_file, image_features  # noqa: E402
 from pipeline.cache import CODECS, FeatureCache, ImageLayout, quantize_int8  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.extract import ExtractOptions, run_extract  # noqa: E402
