@@ -15,8 +15,8 @@ Counting conventions (``shared/papers/params-reconstruction.md``):
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from ..flops import flop_counts
 from .config import HeadConfig
 from .model import MaskFrozenDetrHead, count_parameters, parameter_table
 
@@ -50,8 +50,6 @@ def head_cost(cfg: HeadConfig, spatial_shapes: torch.Tensor | None, c1_size: tup
     Raises:
         ValueError: widths not set, or ``spatial_shapes`` with another level count than the config.
     """
-    from kernels import ops as kernel_ops
-
     head = MaskFrozenDetrHead(cfg).eval()
     n = count_parameters(head)
     out = {"params": n, "params_delta_M": n / 1e6, "modules": dict(parameter_table(head)),
@@ -70,26 +68,21 @@ def head_cost(cfg: HeadConfig, spatial_shapes: torch.Tensor | None, c1_size: tup
     queries = torch.randn(num_boxes, cfg.hidden_dim, generator=g)
     boxes = torch.cat((0.2 + 0.6 * torch.rand(num_boxes, 2, generator=g),
                        0.05 + 0.3 * torch.rand(num_boxes, 2, generator=g)), 1)
-    previous = kernel_ops.set_impl("reference")
-    try:
-        counter = FlopCounterMode(display=False, depth=1)
-        with counter:
-            feat = head.encode_image(tokens, shapes, start, c1)
-            head([feat], queries, boxes, torch.tensor([list(image_size)], dtype=torch.float32),
-                 torch.zeros(num_boxes, dtype=torch.int64))
-    finally:
-        kernel_ops.set_impl(previous)
-    total = counter.get_total_flops()
-    per = counter.get_flop_counts()
-    out["flops_delta_G"] = total / 2 / 1e9
+    def forward():
+        feat = head.encode_image(tokens, shapes, start, c1)
+        head([feat], queries, boxes, torch.tensor([list(image_size)], dtype=torch.float32),
+             torch.zeros(num_boxes, dtype=torch.int64))
+
+    total, per = flop_counts(forward, depth=1)
+    out["flops_delta_G"] = total
     # encode_image calls image_encoder / neck directly (they appear under their class names)
     top = {"ImageEncoder": "image_encoder", "Neck": "neck"}
     by_module = {}
-    for name, counts in per.items():
+    for name, gflops in per.items():
         parts = name.split(".")
         if len(parts) == 1 and parts[0] in top:
-            by_module[top[parts[0]]] = sum(counts.values()) / 2 / 1e9
+            by_module[top[parts[0]]] = gflops
         elif len(parts) == 2 and parts[0] == type(head).__name__:
-            by_module[parts[1]] = sum(counts.values()) / 2 / 1e9
+            by_module[parts[1]] = gflops
     out["flops_by_module_G"] = {k: by_module[k] for k in head.COMPONENTS if by_module.get(k)}
     return out
