@@ -245,7 +245,7 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
                 break
         if tc.eval_every_epoch and val_cache is not None and step < total:
             _evaluate_into(head, cfg, val_cache, out / f"eval_epoch{epoch + 1}", dev, tc.boxes, val_ann_file,
-                           metrics_file, step)
+                           metrics_file, step, progress)
             head.train()
     bar.close()
     payload = checkpoint_payload()
@@ -254,7 +254,7 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
               "head": str(out / "head.pt"), "eval": None}
     if val_cache is not None:
         result["eval"] = _evaluate_into(head, cfg, val_cache, out / "eval", dev, tc.boxes, val_ann_file,
-                                        metrics_file, step)
+                                        metrics_file, step, progress)
     metrics_file.close()
     return result
 
@@ -294,10 +294,11 @@ def _open_metrics_log(path: Path, step: int):
     return open(path, "a")
 
 
-def _evaluate_into(head, cfg, val_cache, out_dir, dev, boxes_mode, ann_file, metrics_file, step):
+def _evaluate_into(head, cfg, val_cache, out_dir, dev, boxes_mode, ann_file, metrics_file, step, progress=True):
     from .inference import evaluate_cache
 
-    metrics = evaluate_cache(head, cfg, val_cache, out_dir, device=dev, boxes=boxes_mode, ann_file=ann_file)
+    metrics = evaluate_cache(head, cfg, val_cache, out_dir, device=dev, boxes=boxes_mode, ann_file=ann_file,
+                             progress=progress)
     metrics_file.write(json.dumps({"step": step, "eval": {k: {m: v for m, v in d.items() if m != "per_category"}
                                                            for k, d in metrics.items() if isinstance(d, dict) and "AP" in d}})
                        + "\n")
