@@ -29,7 +29,7 @@ from pipeline import data  # noqa: E402
 from pipeline.batches import CachedImages, annotation_file, category_maps, collate_list, image_features  # noqa: E402
 from pipeline.cache import FeatureCache  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.head import HeadConfig, build_head  # noqa: E402
+from pipeline.head import build_head  # noqa: E402
 from pipeline.train import image_sizes_of, training_targets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

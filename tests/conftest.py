@@ -66,6 +66,14 @@ def coco_required():
     require_coco()
 
 
+def head_sets(extra=()) -> list[str]:
+    """``--set`` arguments for the reduced test head (:data:`SMALL_HEAD`) plus ``extra`` overrides."""
+    out = []
+    for item in [*SMALL_HEAD, *extra]:
+        out += ["--set", item]
+    return out
+
+
 def run_cli(*args, check=True, env=None, timeout=900):
     """Run ``python cli.py ...`` in a subprocess, as a user would; returns CompletedProcess."""
     proc = subprocess.run([sys.executable, str(REPO / "cli.py"), *map(str, args)], cwd=REPO, capture_output=True,

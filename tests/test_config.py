@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.config import ConfigError, load_config, save_config
 from pipeline.detectors import detector_widths
-from pipeline.head import HeadConfig, build_head, count_parameters
+from pipeline.head import build_head, count_parameters
 
 from .conftest import REPO
 

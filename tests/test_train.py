@@ -19,22 +19,15 @@ from pipeline.inference import evaluate_cache
 from pipeline.checkpoint import load_checkpoint
 from pipeline.train import train
 
-from .conftest import COCO_ROOT, REPO, SMALL_EXTRACT, SMALL_HEAD, run_cli
+from .conftest import COCO_ROOT, REPO, SMALL_EXTRACT, SMALL_HEAD, head_sets, run_cli
 
 CONFIG = REPO / "configs" / "mfdetr_dino_focalnet_l.yaml"
-
-
-def _sets(extra=()):
-    out = []
-    for s in [*SMALL_HEAD, *extra]:
-        out += ["--set", s]
-    return out
 
 
 def test_short_gt_box_run_beats_untrained_head(tmp_path, small_caches):
     run = tmp_path / "run"
     run_cli("train-head", "--cache", small_caches["train"], "--val-cache", small_caches["val"], "--config", CONFIG,
-            *_sets(["train.lr=1e-3", "train.checkpoint_every=1000"]), "--boxes", "gt", "--max-iters", 60,
+            *head_sets(["train.lr=1e-3", "train.checkpoint_every=1000"]), "--boxes", "gt", "--max-iters", 60,
             "--batch-size", 2, "--device", "cpu", "--out", run)
     trained = json.loads((run / "eval" / "metrics.json").read_text())
     cfg = load_config(CONFIG, list(SMALL_HEAD))
@@ -54,7 +47,7 @@ def test_short_gt_box_run_beats_untrained_head(tmp_path, small_caches):
 
 def test_sigkill_and_resume_gives_same_weights(tmp_path, small_caches):
     common = ["train-head", "--cache", small_caches["train"], "--config", CONFIG,
-              *_sets(["train.checkpoint_every=2"]), "--max-iters", 8, "--batch-size", 2, "--device", "cpu"]
+              *head_sets(["train.checkpoint_every=2"]), "--max-iters", 8, "--batch-size", 2, "--device", "cpu"]
     run_cli(*common, "--out", tmp_path / "straight")
     killed = tmp_path / "killed"
     args = [sys.executable, str(REPO / "cli.py"), *map(str, common), "--out", str(killed)]
@@ -91,7 +84,7 @@ def test_sigkill_and_resume_gives_same_weights(tmp_path, small_caches):
 def test_evaluate_cli_and_stale_cache_refused(tmp_path, small_caches):
     run = tmp_path / "run"
     # one spawned DataLoader worker that opens the store itself
-    run_cli("train-head", "--cache", small_caches["train"], "--config", CONFIG, *_sets(["train.num_workers=1"]),
+    run_cli("train-head", "--cache", small_caches["train"], "--config", CONFIG, *head_sets(["train.num_workers=1"]),
             "--max-iters", 2, "--batch-size", 2, "--device", "cpu", "--out", run)
     res = run_cli("evaluate", "--cache", small_caches["val"], "--checkpoint", run / "head.pt", "--device", "cpu",
                   "--out", run / "eval")

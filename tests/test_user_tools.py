@@ -12,23 +12,16 @@ from pycocotools.coco import COCO
 
 from pipeline.cache import FeatureCache
 
-from .conftest import COCO_ROOT, REPO, SMALL_EXTRACT, SMALL_HEAD, run_cli
+from .conftest import COCO_ROOT, REPO, SMALL_HEAD, head_sets, run_cli
 
 CONFIG = REPO / "configs" / "mfdetr_dino_focalnet_l.yaml"
-
-
-def _sets(extra=()):
-    out = []
-    for s in [*SMALL_HEAD, *extra]:
-        out += ["--set", s]
-    return out
 
 
 @pytest.fixture(scope="module")
 def fraction_run(small_caches, tmp_path_factory):
     """A 2-iteration head trained with --mask-fraction 0.25 on the 12-image train cache (--tensorboard, --quiet)."""
     run = tmp_path_factory.mktemp("frac") / "run"
-    proc = run_cli("train-head", "--cache", small_caches["train"], "--config", CONFIG, *_sets(),
+    proc = run_cli("train-head", "--cache", small_caches["train"], "--config", CONFIG, *head_sets(),
                    "--mask-fraction", 0.25, "--max-iters", 2, "--batch-size", 2, "--device", "cpu",
                    "--tensorboard", "--quiet", "--out", run)
     return run, proc
@@ -207,13 +200,13 @@ def test_benchmark_inference_reports_speed_flops_params(tmp_path):
     from pipeline.config import load_config
     from pipeline.detectors import detector_widths
     from pipeline.flops import count_gflops
-    from pipeline.head import HeadConfig, build_head, count_parameters
+    from pipeline.head import build_head, count_parameters
 
     lin = torch.nn.Linear(64, 32)
     assert count_gflops(lambda: lin(torch.zeros(10, 64))) == pytest.approx(10 * 64 * 32 / 1e9)
     images = sorted((COCO_ROOT / "val2017").iterdir())[:2]
     proc = run_cli("benchmark-inference", *images, "--preset", "golden-small", "--random-init", "--min-size", 160,
-                   "--max-size", 240, "--top-k", 30, "--num-images", 1, "--warmup", 1, *_sets(), "--device", "cpu",
+                   "--max-size", 240, "--top-k", 30, "--num-images", 1, "--warmup", 1, *head_sets(), "--device", "cpu",
                    "--json", "--quiet")
     r = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert r["images"] == 1 and r["detector_ms"] > 0 and r["head_ms"] > 0 and r["post_ms"] > 0
