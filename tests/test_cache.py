@@ -13,7 +13,8 @@ SHAPES = [[(20, 30), (10, 15), (5, 8)], [(16, 16), (8, 8), (4, 4)], [(7, 9), (4,
 def _fingerprint(dtype="float16", **kw):
     fp = {"detector": "toy", "detector_config": {"d": 8}, "checkpoint_sha256": "random-init:seed=0",
           "preprocessing": {"min_size": 64, "max_size": 96}, "encoder_layers": [4, 6], "top_k": 5, "dtype": dtype,
-          "class_to_category_id": {"1": 1}, "ann_file": "/x.json", "ann_sha256": "abc"}
+          "class_to_category_id": {"1": 1}, "ann_file": "/x.json", "ann_sha256": "abc",
+          "feature_widths": {"c1_channels": 6, "num_feature_levels": 3}}
     fp.update(kw)
     return fp
 
