@@ -74,6 +74,29 @@ def impl_option(fn):
              "else the pure-PyTorch reference; cpu / cuda = the compiled kernel (error if not built).")(fn)
 
 
+def detector_options(fn):
+    """The options naming the detector a command runs (the fields of ``DetectorOptions``):
+    ``--detector --preset --weights --random-init --seed --precision``."""
+    options = [
+        click.option("--detector", default="dino-focalnet", show_default=True,
+                     help="Detector registry name: dino-focalnet, hdetr-r50, hdetr-swin-l (see `cli.py detectors`)."),
+        click.option("--preset", default=None,
+                     help="Architecture preset (default: the detector's official release; 'golden-small' = reduced "
+                          "test model; see `cli.py detectors`)."),
+        click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Official checkpoint (.pth with a 'model' dict, or a bare state_dict)."),
+        click.option("--random-init", is_flag=True,
+                     help="Run without weights: random detector from --seed (tests the path; all numbers are "
+                          "meaningless; recorded where results are written)."),
+        click.option("--seed", default=0, show_default=True, help="Seed of --random-init weights."),
+        click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+                     help="Detector compute precision."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 def _int_list(ctx, param, value):
     if value is None or value == "":
         return None
@@ -100,16 +123,7 @@ def main(verbose):
 
 # ----------------------------------------------------------------------------------- extract
 @main.command()
-@click.option("--detector", default="dino-focalnet", show_default=True,
-              help="Detector registry name: dino-focalnet, hdetr-r50, hdetr-swin-l (see `cli.py detectors`).")
-@click.option("--preset", default=None,
-              help="Architecture preset (default: the detector's official release; 'golden-small' = reduced test model; "
-                   "see `cli.py detectors`).")
-@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path),
-              help="Official checkpoint (.pth with a 'model' dict, or a bare state_dict).")
-@click.option("--random-init", is_flag=True,
-              help="Run without weights: random detector from --seed. Recorded in the store; all numbers are meaningless.")
-@click.option("--seed", default=0, show_default=True, help="Seed of --random-init weights.")
+@detector_options
 @click.option("--coco-root", type=click.Path(file_okay=False, path_type=Path),
               help="COCO root with annotations/instances_<split>.json and <split>/ images.")
 @click.option("--split", help="Split name under --coco-root, e.g. train2017, val2017.")
@@ -135,8 +149,6 @@ def main(verbose):
 @click.option("--levels", callback=_int_list, default=None,
               help="Encoder levels to store, comma-separated indices (0 = finest; default all). A head trained on "
               "such a cache uses these levels only.")
-@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
-              help="Detector compute precision.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
 @click.option("--workers", default=1, show_default=True,
               help="Worker processes of a dask.distributed LocalCluster (with --device cuda, worker r uses cuda:r); "
@@ -405,17 +417,9 @@ def evaluate(cache, checkpoint, head_kind, config_path, boxes, device, ann_file,
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Trained head.pt.")
-@click.option("--detector", default="dino-focalnet", show_default=True,
-              help="Detector registry name (the one whose cache trained the head).")
-@click.option("--preset", default=None, help="Architecture preset (default: the detector's official release).")
-@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), help="Official detector checkpoint.")
-@click.option("--random-init", is_flag=True,
-              help="Run without weights: random detector from --seed (to try the command; outputs are meaningless).")
-@click.option("--seed", default=0, show_default=True, help="Seed of --random-init weights.")
+@detector_options
 @click.option("--min-size", type=int, help="Test-time resize, shorter side (default: the training cache's).")
 @click.option("--max-size", type=int, help="Test-time resize, longer-side cap (default: the training cache's).")
-@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
-              help="Detector compute precision.")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda ...")
 @click.option("--score-threshold", default=0.5, show_default=True,
               help="Draw only instances scoring at least this (the results json keeps the top-N).")
@@ -484,11 +488,7 @@ def visualize(cache, checkpoint, image_id, top, image_dir, ann_file, device, out
 # ----------------------------------------------------------------------- benchmark-inference
 @main.command("benchmark-inference")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--detector", default="dino-focalnet", show_default=True, help="Detector registry name.")
-@click.option("--preset", default=None, help="Architecture preset (default: the detector's official release).")
-@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), help="Official detector checkpoint.")
-@click.option("--random-init", is_flag=True, help="Random detector weights (timings are the same).")
-@click.option("--seed", default=0, show_default=True, help="Seed of random weights (detector; head without --checkpoint).")
+@detector_options
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
               help="Trained head.pt (default: a random head built from --config with the detector's widths).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),

@@ -23,21 +23,18 @@ from tqdm import tqdm
 from . import data
 from .batches import image_features, to_xyxy_pixels
 from .evaluate import encode_rle, paste_masks
+from .frozen_detector import DetectorOptions, build_frozen_detector
 from .head import build_head, count_parameters
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class BenchmarkOptions:
-    """Options of ``cli.py benchmark-inference`` (see its ``--help``)."""
+@dataclass(kw_only=True)
+class BenchmarkOptions(DetectorOptions):
+    """Options of ``cli.py benchmark-inference`` (see its ``--help``); the detector fields are
+    :class:`DetectorOptions`'; ``seed`` also seeds the random head built without ``checkpoint``."""
 
     inputs: list[Path]
-    detector: str = "dino-focalnet"
-    preset: str | None = None
-    weights: Path | None = None
-    random_init: bool = False
-    seed: int = 0
     checkpoint: Path | None = None
     config: Path | None = None
     overrides: list[str] = field(default_factory=list)
@@ -47,7 +44,6 @@ class BenchmarkOptions:
     num_images: int = 5
     warmup: int = 1
     device: str = "auto"
-    impl: str = "auto"
     progress: bool = True
 
 
@@ -74,7 +70,6 @@ def run_benchmark(opts: BenchmarkOptions) -> dict:
     from kernels import ops as kernel_ops
 
     from .config import load_config
-    from .extract import ExtractOptions, build_frozen_detector
     from .checkpoint import load_head
     from .predict import list_images
     from .train import resolve_device
@@ -85,9 +80,7 @@ def run_benchmark(opts: BenchmarkOptions) -> dict:
     if len(images) < opts.warmup + 1:
         raise ValueError(f"need at least {opts.warmup + 1} images (warm-up {opts.warmup} + 1 timed), "
                          f"found {len(images)}")
-    detector, _ = build_frozen_detector(ExtractOptions(
-        out=Path("."), detector=opts.detector, preset=opts.preset, weights=opts.weights, random_init=opts.random_init,
-        seed=opts.seed, min_size=opts.min_size, max_size=opts.max_size, device=str(device), impl=opts.impl))
+    detector, _ = build_frozen_detector(opts, device)
     if opts.checkpoint is not None:
         head, post, cfg, _ = load_head(opts.checkpoint, opts.overrides, device=device)
     else:
@@ -109,7 +102,7 @@ def run_benchmark(opts: BenchmarkOptions) -> dict:
     for n, path in enumerate(tqdm(images, desc="benchmark", unit="img", disable=not opts.progress, dynamic_ncols=True)):
         image = data.load_image(path)
         w, h = image.size
-        x = data.preprocess(image, opts.min_size, opts.max_size).to(device)
+        x = data.preprocess(image, opts.min_size, opts.max_size).to(device, next(detector.parameters()).dtype)
         mask = torch.zeros((1,) + x.shape[1:], dtype=torch.bool, device=device)
         _sync(device)
         t0 = time.perf_counter()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,22 +20,20 @@ from tqdm import tqdm
 from kernels import ops as kernel_ops
 
 from . import data
-from .cache import DONE, PENDING, RANDOM_INIT_BANNER, SKIPPED, FeatureCache, ImageLayout, check_storage
-from .detectors import build_detector
+from .cache import DONE, PENDING, SKIPPED, FeatureCache, ImageLayout, check_storage
+from .frozen_detector import DetectorOptions, build_frozen_detector
 from .faults import fault_point
 from .utils import WriterLock, file_sha256
 
 log = logging.getLogger(__name__)
 
-@dataclass
-class ExtractOptions:
-    """Options of ``cli.py extract`` (see its ``--help``).
+
+@dataclass(kw_only=True)
+class ExtractOptions(DetectorOptions):
+    """Options of ``cli.py extract`` (see its ``--help``); the detector fields are those of
+    :class:`~pipeline.frozen_detector.DetectorOptions`.
 
     Attributes:
-        detector: registry name (``dino-focalnet``, ``hdetr-r50``, ``hdetr-swin-l``).
-        preset: architecture preset of that detector (None = its official release).
-        weights: checkpoint path, or None with ``random_init``.
-        random_init: allow running without weights (random weights from ``seed``).
         encoder_layers: encoder layers to store, counted from 1.
         top_k: queries kept per image.
         dtype: stored feature dtype (``float16``, ``bfloat16``, ``float32``, ``int8``: per-row
@@ -54,16 +51,9 @@ class ExtractOptions:
         scheduler: address of an existing dask scheduler to submit to instead (``tcp://host:8786``).
         unit_images: images per work unit (a contiguous block of store indices; each image owns
             whole chunks, so units never share a chunk). retries: re-runs of a failed unit.
-        impl: deformable-attention kernel (:data:`kernels.ops.IMPLS`); a run-time choice, not in
-            the fingerprint (caches extracted with different kernels are used together).
     """
 
     out: Path
-    detector: str = "dino-focalnet"
-    preset: str | None = None
-    weights: Path | None = None
-    random_init: bool = False
-    seed: int = 0
     coco_root: Path | None = None
     split: str | None = None
     ann_file: Path | None = None
@@ -78,44 +68,14 @@ class ExtractOptions:
     keep_bits: int | None = None
     codec: str = "auto"
     levels: list[int] | None = None
-    device: str = "cpu"
-    precision: str = "float32"
     skip_bad_images: bool = False
     overwrite: bool = False
     workers: int = 1
-    impl: str = "auto"
     batch_size: int = 1
     decode_workers: int | None = None
     scheduler: str | None = None
     unit_images: int = 8
     retries: int = 2
-
-
-def build_frozen_detector(opts: ExtractOptions):
-    """Build the detector, load weights (or seed a random init), freeze it.
-
-    Returns ``(detector, checkpoint_sha256)``; the sha is ``"random-init:seed=<seed>"``
-    without weights.
-
-    Raises:
-        click-independent ``ValueError``: neither ``weights`` nor ``random_init`` given;
-        ``CheckpointError``: the file is not the detector's checkpoint (key report in the message).
-    """
-    if opts.weights is None and not opts.random_init:
-        raise ValueError("--weights is required (the official checkpoint file); pass --random-init to run "
-                         "with random weights for a smoke test")
-    torch.manual_seed(opts.seed)
-    detector = build_detector(opts.detector, preset=opts.preset)
-    if opts.weights is not None:
-        report = detector.load_checkpoint(str(opts.weights), strict=True)
-        log.info("loaded %s: %s", opts.weights, report.format().splitlines()[-1])
-        sha = file_sha256(Path(opts.weights))
-    else:
-        warnings.warn(RANDOM_INIT_BANNER, stacklevel=2)
-        sha = f"random-init:seed={opts.seed}"
-    dtype = {"float32": torch.float32, "float64": torch.float64}[opts.precision]
-    detector = detector.to(device=opts.device, dtype=dtype).eval().requires_grad_(False)
-    return detector, sha
 
 
 def make_fingerprint(opts: ExtractOptions, detector, checkpoint_sha: str, ann_file: Path) -> dict:

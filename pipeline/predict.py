@@ -26,6 +26,7 @@ from . import data
 from .cache import RANDOM_INIT_BANNER, as_stored, fingerprint_diff
 from .checkpoint import load_head
 from .evaluate import write_json_atomic
+from .frozen_detector import DetectorOptions, build_frozen_detector
 
 log = logging.getLogger(__name__)
 
@@ -79,26 +80,20 @@ def training_categories(fingerprint: dict, ann_file: str | Path | None = None) -
     return [{"id": i, "name": f"class {i}"} for i in ids]
 
 
-@dataclass
-class PredictOptions:
-    """Options of ``cli.py predict`` (see its ``--help``); detector fields as :class:`ExtractOptions`."""
+@dataclass(kw_only=True)
+class PredictOptions(DetectorOptions):
+    """Options of ``cli.py predict`` (see its ``--help``); the detector fields are :class:`DetectorOptions`'
+    (``device`` defaults to ``auto`` here)."""
 
     inputs: list[Path]
     checkpoint: Path
     out: Path
-    detector: str = "dino-focalnet"
-    preset: str | None = None
-    weights: Path | None = None
-    random_init: bool = False
-    seed: int = 0
     min_size: int | None = None
     max_size: int | None = None
-    precision: str = "float32"
-    device: str = "cpu"
     score_threshold: float = 0.5
     top_n: int | None = None
     ann_file: Path | None = None
-    impl: str = "auto"
+    device: str = "auto"
     progress: bool = True
     overrides: list[str] = field(default_factory=list)
 
@@ -119,7 +114,6 @@ def run_predict(opts: PredictOptions) -> dict:
     from kernels import ops as kernel_ops
 
     from .batches import category_maps
-    from .extract import ExtractOptions, build_frozen_detector
     from .inference import predict_batch
     from .overlays import draw_instances
     from .train import resolve_device
@@ -138,10 +132,7 @@ def run_predict(opts: PredictOptions) -> dict:
         log.warning("--min-size/--max-size %d/%d differ from the training cache's %d/%d: the head sees features "
                     "of another scale", min_size, max_size, pre["min_size"], pre["max_size"])
     images = list_images(opts.inputs)
-    ex_opts = ExtractOptions(out=Path(opts.out), detector=opts.detector, preset=opts.preset, weights=opts.weights,
-                             random_init=opts.random_init, seed=opts.seed, min_size=min_size, max_size=max_size,
-                             device=str(device), precision=opts.precision, impl=opts.impl)
-    detector, sha = build_frozen_detector(ex_opts)
+    detector, sha = build_frozen_detector(opts, device)
     found = {"detector": opts.detector, "detector_config": detector.config(), "checkpoint_sha256": sha}
     diff = fingerprint_diff(fp, found, keys=("detector", "detector_config", "checkpoint_sha256"))
     if diff:
