@@ -322,19 +322,30 @@ def _empty_results_coco(coco_gt: COCO) -> COCO:
     return dt
 
 
-def _derive_metrics(coco_eval: COCOeval, coco_gt: COCO) -> dict:
-    """AP numbers in percent from an accumulated COCOeval (detectron2 ``_derive_coco_results``)."""
+def derive_metrics(coco_eval, cats: dict) -> dict:
+    """AP numbers in percent from an accumulated COCOeval (detectron2 ``_derive_coco_results``).
+
+    Args:
+        coco_eval: a pycocotools ``COCOeval`` (or faster-coco-eval's, same attributes) after
+            ``accumulate`` and ``summarize``.
+        cats: the ground truth's ``COCO.cats`` (category id -> dict with ``name``).
+
+    Returns:
+        ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` in percent (NaN where COCOeval reports -1)
+        and ``"per_category": {name: AP}`` (area "all", 100 detections, mean over IoU thresholds
+        and recall points of the defined precisions).
+    """
     out = {}
     for idx, key in enumerate(AP_KEYS):
         v = float(coco_eval.stats[idx])
         out[key] = v * 100 if v >= 0 else float("nan")
     # precision: [T iou thresholds, R recall points, K categories, A area ranges, M max dets]
-    precisions = coco_eval.eval["precision"]
+    precisions = np.asarray(coco_eval.eval["precision"])
     per_cat = {}
     for k, cat_id in enumerate(coco_eval.params.catIds):
         p = precisions[:, :, k, 0, -1]
         p = p[p > -1]
-        per_cat[coco_gt.cats[cat_id]["name"]] = float(np.mean(p) * 100) if p.size else float("nan")
+        per_cat[cats[cat_id]["name"]] = float(np.mean(p) * 100) if p.size else float("nan")
     out["per_category"] = per_cat
     return out
 
@@ -446,7 +457,7 @@ def evaluate_coco(
             coco_eval.accumulate()
         say(f"COCOeval {iou_type} on {len(eval_ids)} images, {len(results)} detections:")
         coco_eval.summarize()  # prints the standard 12-line summary
-        m = _derive_metrics(coco_eval, coco_gt)
+        m = derive_metrics(coco_eval, coco_gt.cats)
         if precision_out is not None:
             precision_out[iou_type] = coco_eval.eval["precision"]
         metrics[iou_type] = m

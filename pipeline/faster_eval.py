@@ -59,6 +59,8 @@ def evaluate_faster(ann_file: str | Path, results: list[dict], iou_type: str = "
     """
     if iou_type not in IOU_TYPES:
         raise ValueError(f"unknown iou type {iou_type!r} (expected one of {IOU_TYPES})")
+    from .evaluate import AP_KEYS, derive_metrics
+
     COCO, COCOeval_faster = _require()
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(ann_file))
@@ -69,8 +71,7 @@ def evaluate_faster(ann_file: str | Path, results: list[dict], iou_type: str = "
         dt = gt.loadRes(dt_list) if dt_list else None
     if dt is None:
         log.warning("no results: %s AP is 0", iou_type)
-        return {k: 0.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")} | {"per_category": {},
-                                                                                 "evaluator": UNOFFICIAL}
+        return {k: 0.0 for k in AP_KEYS} | {"per_category": {}, "evaluator": UNOFFICIAL}
     kw = {"boundary_dilation_ratio": dilation_ratio} if iou_type == "boundary" else {}
     ev = COCOeval_faster(gt, dt, iou_type, print_function=log.debug, **kw)
     if image_ids is not None:
@@ -78,21 +79,11 @@ def evaluate_faster(ann_file: str | Path, results: list[dict], iou_type: str = "
     ev.evaluate()
     ev.accumulate()
     ev.summarize()
-    out = {}
-    for idx, key in enumerate(("AP", "AP50", "AP75", "APs", "APm", "APl")):
-        v = float(ev.stats[idx])
-        out[key] = v * 100 if v >= 0 else float("nan")
-    precision = np.asarray(ev.eval["precision"])
-    per_cat = {}
-    for k, cat_id in enumerate(ev.params.catIds):
-        p = precision[:, :, k, 0, -1]
-        p = p[p > -1]
-        per_cat[gt.cats[cat_id]["name"]] = float(np.mean(p) * 100) if p.size else float("nan")
-    out["per_category"] = per_cat
+    out = derive_metrics(ev, gt.cats)
     out["evaluator"] = UNOFFICIAL
     if iou_type == "boundary":
         out["dilation_ratio"] = dilation_ratio
-    out["_precision"] = precision
+    out["_precision"] = np.asarray(ev.eval["precision"])
     return out
 
 

@@ -359,7 +359,13 @@ def flatten_levels(srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Ten
         ``(src [B, S, D], mask [B, S] bool, pos [B, S, D]`` (pos + level embed),
         ``spatial_shapes [L, 2]`` int64, ``level_start_index [L]`` int64,
         ``valid_ratios [B, L, 2]`` float32 ``(w, h)``).
+
+    Raises:
+        ValueError: the number of maps, masks or position embeddings is not ``level_embed``'s L.
     """
+    if not (len(srcs) == len(masks) == len(pos_embeds) == level_embed.shape[0]):
+        raise ValueError(f"expected {level_embed.shape[0]} levels, got {len(srcs)} srcs, "
+                         f"{len(masks)} masks, {len(pos_embeds)} pos embeddings")
     src_flatten = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)
     mask_flatten = torch.cat([m.flatten(1) for m in masks], 1)
     pos_flatten = torch.cat([p.flatten(2).transpose(1, 2) + level_embed[lvl].view(1, 1, -1)
@@ -386,6 +392,49 @@ def build_input_proj(channels: Sequence[int], hidden_dim: int, num_feature_level
         nn.init.xavier_uniform_(p[0].weight, gain=1)
         nn.init.zeros_(p[0].bias)
     return nn.ModuleList(proj)
+
+
+def check_images_and_mask(images: Tensor, mask: Tensor) -> None:
+    """Check a padded batch as every detector's ``forward`` takes it.
+
+    Args:
+        images: ``[B, 3, H, W]``; mask: ``[B, H, W]`` (True = padding).
+
+    Raises:
+        ValueError: other ranks, or batch / spatial sizes that differ between the two.
+    """
+    if images.dim() != 4 or mask.dim() != 3 or images.shape[0] != mask.shape[0] \
+            or images.shape[-2:] != mask.shape[-2:]:
+        raise ValueError(f"images [B,3,H,W] and mask [B,H,W] expected, got {tuple(images.shape)} "
+                         f"and {tuple(mask.shape)}")
+
+
+def level_inputs(input_proj: nn.ModuleList, feats: list[Tensor], mask: Tensor, pos_embed: nn.Module,
+                 num_feature_levels: int, dtype: torch.dtype) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """The encoder's L input levels from the backbone maps (official Deformable-DETR ``forward``).
+
+    Each backbone map goes through its ``input_proj`` level; the levels beyond the backbone's are
+    ``input_proj`` 3x3/s2 convs applied to the last backbone map, then to the previous level.
+
+    Args:
+        input_proj: :func:`build_input_proj`'s modules; feats: backbone maps ``[B, C_i, H_i, W_i]``;
+        mask: ``[B, H, W]`` bool at the input size (True = padding); pos_embed: the backbone's
+        position embedding module (``pos_embed(mask_l, dtype)``); dtype: the embedding dtype.
+
+    Returns:
+        ``(srcs, masks, pos_embeds)``: L maps ``[B, D, H_l, W_l]``, L masks ``[B, H_l, W_l]`` bool
+        (nearest-interpolated), L position embeddings ``[B, D, H_l, W_l]``.
+    """
+    masks = [mask_to(mask, f.shape[-2:]) for f in feats]
+    poss = [pos_embed(m, dtype) for m in masks]
+    srcs = [input_proj[lvl](f) for lvl, f in enumerate(feats)]
+    for lvl in range(len(feats), num_feature_levels):
+        src = input_proj[lvl](feats[-1] if lvl == len(feats) else srcs[-1])
+        m = mask_to(mask, src.shape[-2:])
+        srcs.append(src)
+        masks.append(m)
+        poss.append(pos_embed(m, dtype))
+    return srcs, masks, poss
 
 
 def extract_records(out: dict, c1: Tensor, c1_mask: Tensor, encoder_layers: list[int], top_k: int) -> list[SampleRecord]:

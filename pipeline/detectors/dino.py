@@ -188,9 +188,6 @@ class DINOTransformer(nn.Module):
         Raises:
             ValueError: wrong number of levels, or fewer tokens than queries.
         """
-        if not (len(srcs) == len(masks) == len(pos_embeds) == self.num_feature_levels):
-            raise ValueError(f"expected {self.num_feature_levels} levels, got {len(srcs)} srcs, "
-                             f"{len(masks)} masks, {len(pos_embeds)} pos embeddings")
         src_flatten, mask_flatten, pos_flatten, spatial_shapes, level_start_index, valid_ratios = flatten_levels(
             srcs, masks, pos_embeds, self.level_embed)
         num_tokens = mask_flatten.shape[1]

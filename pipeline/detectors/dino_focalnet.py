@@ -25,9 +25,10 @@ from pipeline.detectors.detr_common import (
     PositionEmbeddingSine,
     build_input_proj,
     check_extract_args,
+    check_images_and_mask,
     extract_records,
     inverse_sigmoid,
-    mask_to,
+    level_inputs,
     patch_stage_shapes,
 )
 from pipeline.detectors.dino import DINOTransformer
@@ -187,24 +188,13 @@ class DINOFocalNet(nn.Module):
         Raises:
             ValueError: bad shapes.
         """
-        if images.dim() != 4 or mask.dim() != 3 or images.shape[0] != mask.shape[0] \
-                or images.shape[-2:] != mask.shape[-2:]:
-            raise ValueError(f"images [B,3,H,W] and mask [B,H,W] expected, got {tuple(images.shape)} "
-                             f"and {tuple(mask.shape)}")
+        check_images_and_mask(images, mask)
         dtype = self.input_proj[0][0].weight.dtype
         images = images.to(dtype)
         mask = mask.to(torch.bool)
         focal, pos_embed = self.backbone[0], self.backbone[1]
         feats = focal(images)
-        masks = [mask_to(mask, f.shape[-2:]) for f in feats]
-        poss = [pos_embed(m, dtype) for m in masks]
-        srcs = [self.input_proj[lvl](f) for lvl, f in enumerate(feats)]
-        for lvl in range(len(feats), self.num_feature_levels):
-            src = self.input_proj[lvl](feats[-1] if lvl == len(feats) else srcs[-1])
-            m = mask_to(mask, src.shape[-2:])
-            srcs.append(src)
-            masks.append(m)
-            poss.append(pos_embed(m, dtype))
+        srcs, masks, poss = level_inputs(self.input_proj, feats, mask, pos_embed, self.num_feature_levels, dtype)
         out = self.transformer(srcs, masks, poss)
         logits, boxes = self.predict(out["hs"], out["references"])
         out.update(backbone_features=feats, masks=masks, srcs=srcs, pos_embeds=poss,

@@ -55,10 +55,12 @@ from pipeline.detectors.detr_common import (
     PositionEmbeddingSine,
     build_input_proj,
     check_extract_args,
+    check_images_and_mask,
     encoder_output_proposals,
     extract_records,
     flatten_levels,
     inverse_sigmoid,
+    level_inputs,
     mask_to,
     patch_stage_shapes,
     query_sine_embedding,
@@ -237,9 +239,6 @@ class HDETRTransformer(nn.Module):
         Raises:
             ValueError: wrong number of levels, or fewer tokens than queries.
         """
-        if not (len(srcs) == len(masks) == len(pos_embeds) == self.num_feature_levels):
-            raise ValueError(f"expected {self.num_feature_levels} levels, got {len(srcs)} srcs, "
-                             f"{len(masks)} masks, {len(pos_embeds)} pos embeddings")
         src_flatten, mask_flatten, pos_flatten, spatial_shapes, level_start_index, valid_ratios = flatten_levels(
             srcs, masks, pos_embeds, self.level_embed)
         num_queries = query_embed.shape[0]
@@ -435,25 +434,14 @@ class HDETR(nn.Module):
         Raises:
             ValueError: bad shapes.
         """
-        if images.dim() != 4 or mask.dim() != 3 or images.shape[0] != mask.shape[0] \
-                or images.shape[-2:] != mask.shape[-2:]:
-            raise ValueError(f"images [B,3,H,W] and mask [B,H,W] expected, got {tuple(images.shape)} "
-                             f"and {tuple(mask.shape)}")
+        check_images_and_mask(images, mask)
         dtype = self.input_proj[0][0].weight.dtype
         images = images.to(dtype)
         mask = mask.to(torch.bool)
         body, pos_embed = self.backbone[0], self.backbone[1]
         stages = body(images)
         c1, feats = stages[0], stages[1:]
-        masks = [mask_to(mask, f.shape[-2:]) for f in feats]
-        poss = [pos_embed(m, dtype) for m in masks]
-        srcs = [self.input_proj[lvl](f) for lvl, f in enumerate(feats)]
-        for lvl in range(len(feats), self.num_feature_levels):
-            src = self.input_proj[lvl](feats[-1] if lvl == len(feats) else srcs[-1])
-            m = mask_to(mask, src.shape[-2:])
-            srcs.append(src)
-            masks.append(m)
-            poss.append(pos_embed(m, dtype))
+        srcs, masks, poss = level_inputs(self.input_proj, feats, mask, pos_embed, self.num_feature_levels, dtype)
         out = self.transformer(srcs, masks, poss, self.query_embed.weight[:self.num_queries_one2one])
         logits, boxes = self.predict(out["hs"], out["references"])
         out.update(c1=c1, c1_mask=mask_to(mask, c1.shape[-2:]), backbone_features=feats, masks=masks, srcs=srcs,
