@@ -529,23 +529,59 @@ def benchmark_inference(inputs, config_path, as_json, quiet, **kw):
                    "e.g. dino-focalnet, hdetr-r50, hdetr-swin-l (default: the config's `widths:`; train-head reads "
                    "them from the cache instead).")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON object: params_delta_M, flops_delta_G (head FLOPs for --boxes boxes at the paper's "
-                   "800x1333 input, torch.utils.flop_counter, multiply-add = 1 FLOP), widths, per-module breakdown, "
-                   "and the paper's row when the config has a paper: entry.")
-@click.option("--boxes", "num_boxes", default=100, show_default=True, help="Boxes per image for the FLOP count.")
+              help="Print one JSON object: params_delta_M, flops_delta_G (head FLOPs, multiply-add = 1 FLOP, "
+                   "torch.utils.flop_counter with RoIAlign / sampling formulas, at --image-size with --boxes boxes), "
+                   "widths, per-module breakdown, and the paper's row when the config has a paper: entry.")
+@click.option("--all", "all_rows", is_flag=True,
+              help="Ours vs the paper's ▲#params and ▲FLOPs (with % differences) for every config in "
+                   "configs/ablations/ whose paper row states ▲#params, as a Markdown table (--config is ignored).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --all: also write the Markdown table to this file.")
+@click.option("--boxes", "num_boxes", type=int, default=None,
+              help="Boxes per image for the FLOP count (default: the paper's, 300 for dino-focalnet widths "
+                   "(Table 16), 100 otherwise).")
+@click.option("--image-size", "image_size", metavar="HxW", default=None,
+              help="Resized image for the FLOP count (default 800x1128: the mean area of the first 100 COCO "
+                   "val2017 images at shorter side 800 / longer <= 1333, the DETR family's FLOP convention; "
+                   "800x1333 = a full-size image).")
+@click.option("--flops-convention", "convention", type=click.Choice(["paper", "all"]), default="paper",
+              show_default=True,
+              help="paper: deformable attention's sampling counts 0 (the paper's counter could not see the custom "
+                   "CUDA op); all: every multiply-add, sampling included.")
 @click.option("--no-flops", is_flag=True, help="Skip the FLOP count (it runs one head forward, seconds on a CPU).")
 @friendly_errors
-def params(config_path, overrides, widths_of, as_json, num_boxes, no_flops):
+def params(config_path, overrides, widths_of, as_json, all_rows, out_file, num_boxes, image_size, convention,
+           no_flops):
     """Count the trainable parameters (and FLOPs) of the head a config builds (the paper's ▲ columns).
 
     The head's input widths depend on the detector, so name it with --widths or a `widths:` line in
     the config (or set head.c1_channels and head.num_feature_levels with --set).
     """
-    from pipeline.ablations import config_cost, load_targets, paper_row
+    from pipeline.ablations import config_cost, cost_report, cost_report_markdown, load_targets, paper_row
     from pipeline.config import load_config
 
+    size = None
+    if image_size is not None:
+        try:
+            size = tuple(int(v) for v in image_size.lower().split("x"))
+            if len(size) != 2 or min(size) <= 0:
+                raise ValueError
+        except ValueError:
+            raise click.BadParameter(f"expected HxW in pixels, e.g. 800x1333, got {image_size!r}",
+                                     param_hint="--image-size") from None
+    if all_rows:
+        paths = sorted((Path(__file__).parent / "configs" / "ablations").glob("*.yaml"))
+        rows = cost_report(paths, load_targets(), flops=not no_flops, image_size=size, num_boxes=num_boxes,
+                           convention=convention, progress=True)
+        text = cost_report_markdown(rows)
+        if out_file is not None:
+            out_file.parent.mkdir(parents=True, exist_ok=True)
+            out_file.write_text(text)
+        click.echo(text)
+        return
     cfg = load_config(config_path, list(overrides))
-    cost = config_cost(cfg, widths_of, flops=as_json and not no_flops, num_boxes=num_boxes)
+    cost = config_cost(cfg, widths_of, flops=as_json and not no_flops, num_boxes=num_boxes, image_size=size,
+                       convention=convention)
     if as_json:
         row = None
         if cfg.paper is not None:

@@ -80,13 +80,18 @@ def _detector_geometry(detector: str, image_size: tuple[int, int]) -> dict:
             "c1_size": tuple(int(v) for v in c1_size)}
 
 
-def config_cost(cfg: Config, widths: str | None = None, *, flops: bool = True, num_boxes: int = 100,
-                image_size: tuple[int, int] | None = None) -> dict:
+def config_cost(cfg: Config, widths: str | None = None, *, flops: bool = True, num_boxes: int | None = None,
+                image_size: tuple[int, int] | None = None, convention: str = "paper") -> dict:
     """▲#params / ▲FLOPs of a config's head with a detector's widths (:func:`pipeline.head.cost.head_cost`).
 
     Args:
         cfg: the config; widths: detector name (default ``cfg.widths``; with neither, the
             config's own ``head.c1_channels`` / ``num_feature_levels`` and no FLOPs).
+        flops: also count ▲FLOPs (one head forward, seconds on a CPU).
+        num_boxes: boxes per image (default: the paper's for the detector,
+            :func:`pipeline.head.cost.paper_num_boxes`: 300 for dino-focalnet, else 100).
+        image_size: ``(h, w)`` resized image (default :data:`pipeline.head.cost.PAPER_IMAGE_SIZE`).
+        convention: FLOP convention (:data:`pipeline.flops.CONVENTIONS`; ``"paper"`` by default).
 
     Returns:
         :func:`head_cost`'s dict plus ``"widths": {"detector", "c1_channels", "num_feature_levels"}``.
@@ -94,10 +99,11 @@ def config_cost(cfg: Config, widths: str | None = None, *, flops: bool = True, n
     Raises:
         ValueError: no widths known, or the config contradicts the detector's.
     """
-    from .head.cost import PAPER_INPUT_SIZE, head_cost
+    from .head.cost import PAPER_IMAGE_SIZE, head_cost, paper_num_boxes
 
-    image_size = tuple(image_size or PAPER_INPUT_SIZE)
+    image_size = tuple(image_size or PAPER_IMAGE_SIZE)
     widths = widths or cfg.widths
+    num_boxes = paper_num_boxes(widths) if num_boxes is None else int(num_boxes)
     head_cfg = cfg.head
     if widths is not None:
         geo = detector_geometry(widths, image_size)
@@ -110,7 +116,101 @@ def config_cost(cfg: Config, widths: str | None = None, *, flops: bool = True, n
         geo = None
         flops = False
     out = head_cost(head_cfg, geo["spatial_shapes"] if geo else None, geo["c1_size"] if geo else None,
-                    image_size=image_size, num_boxes=num_boxes, flops=flops)
+                    image_size=image_size, num_boxes=num_boxes, flops=flops, convention=convention)
     out["widths"] = {"detector": widths, "c1_channels": head_cfg.c1_channels,
                      "num_feature_levels": head_cfg.num_feature_levels}
     return out
+
+
+def mean_resized_area(ann_file: str | Path, num_images: int = 100, min_size: int = 800, max_size: int = 1333) -> float:
+    """Mean pixel count of the first ``num_images`` images of a COCO annotation file (file order)
+    after the DETR test-time resize (shorter side ``min_size``, longer at most ``max_size``;
+    :func:`pipeline.data.resize_shape`): the image the paper's ▲FLOPs average over.
+
+    Raises:
+        FileNotFoundError: the annotation file is missing.
+        ValueError: it lists no images.
+    """
+    from .data import resize_shape
+
+    path = Path(ann_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    images = json.loads(path.read_text())["images"][:num_images]
+    if not images:
+        raise ValueError(f"{path}: no images")
+    sizes = [resize_shape(int(i["width"]), int(i["height"]), min_size, max_size) for i in images]
+    return sum(h * w for h, w in sizes) / len(sizes)
+
+
+def cost_report(paths: list[str | Path], targets: dict, *, flops: bool = True, image_size: tuple[int, int] | None = None,
+                num_boxes: int | None = None, convention: str = "paper", progress: bool = False) -> list[dict]:
+    """Ours vs the paper's ▲#params / ▲FLOPs for every config with a ``paper:`` row that states ▲#params.
+
+    Args:
+        paths: config files (those without ``paper:``, or whose row has no ▲#params, are skipped).
+        targets: :func:`load_targets`.
+        flops, image_size, num_boxes, convention: as :func:`config_cost` (defaults: the paper's convention).
+        progress: show a tqdm bar (one head forward per config).
+
+    Returns:
+        one dict per row, sorted by (table, file name): ``{"config", "table", "row",
+        "params_M", "paper_params_M", "params_diff", "flops_G", "paper_flops_G", "flops_diff",
+        "excuse"}``; ``*_diff`` = ours / paper - 1 (None where either side is missing or 0);
+        ``excuse`` = the YAML's ``paper.flops_excuse`` / ``paper.excuse`` text, if any.
+
+    Raises:
+        ValueError: a ``paper:`` entry names a row the targets lack.
+    """
+    from tqdm import tqdm
+
+    from .config import load_config
+
+    def diff(ours, paper):
+        if ours is None or paper is None or paper == 0:
+            return None
+        return ours / paper - 1
+
+    rows = []
+    for path in tqdm(sorted(Path(p) for p in paths), desc="cost", disable=not progress):
+        cfg = load_config(path)
+        row = paper_row(cfg, targets)
+        if row is None or row.get("params_delta_M") is None:
+            continue
+        cost = config_cost(cfg, flops=flops, image_size=image_size, num_boxes=num_boxes, convention=convention)
+        excuse = "; ".join(str(cfg.paper[k]) for k in ("flops_excuse", "excuse") if k in cfg.paper)
+        rows.append({"config": path.stem, "table": int(cfg.paper["table"]), "row": cfg.paper["row"],
+                     "params_M": cost["params_delta_M"], "paper_params_M": row["params_delta_M"],
+                     "params_diff": diff(cost["params_delta_M"], row["params_delta_M"]),
+                     "flops_G": cost["flops_delta_G"], "paper_flops_G": row.get("flops_delta_G"),
+                     "flops_diff": diff(cost["flops_delta_G"], row.get("flops_delta_G")),
+                     "num_boxes": cost["num_boxes"], "image_size": cost["image_size"],
+                     "convention": cost["flops_convention"], "excuse": excuse})
+    rows.sort(key=lambda r: (r["table"], r["config"]))
+    return rows
+
+
+def cost_report_markdown(rows: list[dict]) -> str:
+    """:func:`cost_report` as a Markdown table (one line per row, then the worst differences)."""
+    def num(v, fmt):
+        return "–" if v is None else fmt.format(v)
+
+    lines = ["| config | table | ▲#params ours (M) | paper | diff | ▲FLOPs ours (G) | paper | diff | boxes | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['table']} | {num(r['params_M'], '{:.3f}')} | {r['paper_params_M']} | "
+                     f"{num(r['params_diff'], '{:+.1%}')} | {num(r['flops_G'], '{:.2f}')} | "
+                     f"{num(r['paper_flops_G'], '{}')} | {num(r['flops_diff'], '{:+.1%}')} | {r['num_boxes']} | "
+                     f"{r['excuse']} |")
+    p = [abs(r["params_diff"]) for r in rows if r["params_diff"] is not None]
+    f = [abs(r["flops_diff"]) for r in rows if r["flops_diff"] is not None]
+    size = rows[0]["image_size"] if rows else None
+    lines.append("")
+    lines.append(f"{len(rows)} rows; image {size[0]}x{size[1]}, FLOP convention {rows[0]['convention']!r}"
+                 if size else f"{len(rows)} rows")
+    if p:
+        lines.append(f"▲#params: max |diff| {max(p):.2%}, {sum(v <= 0.03 for v in p)}/{len(p)} within 3 %")
+    if f:
+        lines.append(f"▲FLOPs: max |diff| {max(f):.2%}, {sum(v <= 0.05 for v in f)}/{len(f)} within 5 %, "
+                     f"{sum(v <= 0.10 for v in f)}/{len(f)} within 10 %")
+    return "\n".join(lines) + "\n"

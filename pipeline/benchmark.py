@@ -166,7 +166,7 @@ def format_report(r: dict) -> str:
              f"images timed: {r['images']} (resized sizes {r['image_sizes']}), top-{r['top_k']} queries per image",
              f"detector   {r['detector_ms']:10.1f} ms/image   ({r['detector_params_M']:.1f} M params, frozen)",
              f"head       {r['head_ms']:10.1f} ms/image   (▲#params {r['head_params']:,} = {r['head_params_M']:.2f} M, "
-             f"▲FLOPs {r['head_gflops']:.2f} G multiply-adds; RoIAlign / deformable sampling not counted)",
+             f"▲FLOPs {r['head_gflops']:.2f} G multiply-adds, RoIAlign and sampling included)",
              f"post       {r['post_ms']:10.1f} ms/image   (Eq. 13 ranking, paste at 0.5, RLE)",
              f"throughput {r['images_per_s']:10.3f} images/s (detector + head + post, batch 1)"]
     if r.get("random_init"):

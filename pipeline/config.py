@@ -99,7 +99,8 @@ class Config:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     #: the paper row a config reproduces (``configs/ablations/``): ``{"table": int, "row": str}``
     #: with the row's setting text exactly as in ``shared/papers/ablation-targets.json``, and
-    #: optionally ``"excuse"``: why its ▲#params cannot match the paper's (and by how much).
+    #: optionally ``"excuse"``: why its ▲#params cannot match the paper's (and by how much), and
+    #: ``"flops_excuse"``: the same for its ▲FLOPs.
     paper: dict | None = None
     #: detector whose cache widths the row assumes (``hdetr-r50``, ``dino-focalnet``): what
     #: ``cli.py params`` counts with when no ``--widths`` is given. Never overrides a cache's widths.
@@ -232,8 +233,9 @@ def config_from_dict(raw: dict, where: str = "config") -> Config:
         raise ConfigError(f"{where}: unknown section(s) {unknown}; expected head, train, evaluate (and paper, widths)")
     paper = raw.get("paper")
     if paper is not None and (not isinstance(paper, dict) or not isinstance(paper.get("table"), int)
-                              or not isinstance(paper.get("row"), str) or set(paper) - {"table", "row", "excuse"}):
-        raise ConfigError(f"{where}: paper must be {{table: <int>, row: <setting text>, [excuse: <why>]}}, got {paper!r}")
+                              or not isinstance(paper.get("row"), str) or set(paper) - {"table", "row", "excuse", "flops_excuse"}):
+        raise ConfigError(f"{where}: paper must be {{table: <int>, row: <setting text>, [excuse: <why>], "
+                          f"[flops_excuse: <why>]}}, got {paper!r}")
     widths = raw.get("widths")
     if widths is not None and not isinstance(widths, str):
         raise ConfigError(f"{where}: widths must be a detector name (hdetr-r50, dino-focalnet, ...), got {widths!r}")

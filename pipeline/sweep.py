@@ -154,8 +154,9 @@ def _num(v, fmt="{:.1f}") -> str:
 def format_table(rows, banner: str | None = None, cache=None, overrides=()) -> str:
     """Markdown of a sweep: per config, our AP columns and ▲ columns, then the paper's.
 
-    Our ▲ columns are counted at the config's ``widths:`` detector and the paper's 800 x 1333
-    input with 100 boxes (:func:`pipeline.ablations.config_cost`), whatever the cache's detector.
+    Our ▲ columns are counted at the config's ``widths:`` detector in the paper's convention (the
+    mean val2017 image, 100 boxes, 300 for DINO-FocalNet-L; :func:`pipeline.ablations.config_cost`),
+    whatever the cache's detector.
     """
     ours = [h for _, _, h in METRIC_COLUMNS]
     header = (["config", "paper row", *ours, "▲FLOPs (G)", "▲#params (M)"]
