@@ -251,6 +251,9 @@ def check_weights(detector, preset, weights):
 @click.option("--mask-fraction", type=float,
               help="Train on the masks of this seeded fraction (0, 1] of the cache's images (label efficiency; "
                    "shortcut for --set train.mask_fraction=F). The ids used go to <out>/mask_subset.json.")
+@click.option("--num-workers", type=int,
+              help="DataLoader worker processes reading the cache (each opens the store and decodes its batches; "
+                   "shortcut for --set train.num_workers=N; on CUDA batches are pinned and prefetched).")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1 ...")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--ann-file", type=click.Path(dir_okay=False, path_type=Path),
@@ -264,7 +267,7 @@ def check_weights(detector, preset, weights):
 @impl_option
 @friendly_errors
 def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batch_size, boxes, mask_fraction,
-               device, resume, ann_file, val_ann_file, tensorboard, quiet, out, impl):
+               num_workers, device, resume, ann_file, val_ann_file, tensorboard, quiet, out, impl):
     """Train the mask head from the cache only (the detector is never built).
 
     Writes <out>/config.yaml (resolved), <out>/metrics.jsonl, <out>/checkpoint.pt (latest) and
@@ -280,7 +283,7 @@ def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batc
 
         check_mask_fraction(mask_fraction)
     for key, val in (("epochs", epochs), ("max_iters", max_iters), ("batch_size", batch_size), ("boxes", boxes),
-                     ("mask_fraction", mask_fraction)):
+                     ("mask_fraction", mask_fraction), ("num_workers", num_workers)):
         if val is not None:
             extra.append(f"train.{key}={val}")
     cfg = load_config(config_path, extra)

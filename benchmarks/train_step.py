@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import data  # noqa: E402
-from pipeline.batches import CachedImages, annotation_file, category_maps, collate_list, image_features  # noqa: E402
+from pipeline.batches import CachedImages, annotation_file, category_maps, image_features, loader_options  # noqa: E402
 from pipeline.cache import FeatureCache  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.head import build_head  # noqa: E402
@@ -84,9 +84,8 @@ def main(cache_path, config_path, small_head, steps, batch_size, num_workers, de
         torch.cuda.synchronize()
     t_mem = (time.perf_counter() - t) / steps
     del memory
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate_list, num_workers=num_workers,
-                        multiprocessing_context="spawn" if num_workers else None,
-                        pin_memory=dev.type == "cuda", prefetch_factor=4 if num_workers else None,
+    # exactly train-head's loader (pipeline.batches.loader_options): spawned workers, pinned + prefetched on CUDA
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, **loader_options(dev, num_workers),
                         persistent_workers=bool(num_workers))
     it = iter(loader)
     first = next(it)  # worker start-up is not a training step

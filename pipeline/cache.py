@@ -47,6 +47,7 @@ choice of :data:`CODECS`; ``auto`` takes :data:`AUTO_CODECS`, chosen by
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -60,6 +61,7 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import BitRound, BloscCodec
+from zarr.core.sync import sync as _zarr_sync
 
 from .faults import fault_point
 from .record import SampleRecord
@@ -333,6 +335,15 @@ class FeatureCache:
         self._c1_shape = group["c1_shape"][:]
         self._size = group["size"][:]
         self._orig_size = group["orig_size"][:]
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def _array(self, name: str) -> zarr.Array:
+        """The array ``name`` (path in the group), opened once per :class:`FeatureCache`: its
+        metadata (``zarr.json``) is read on first use only, so a read costs chunk requests alone."""
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = self._arrays[name] = self.group[name]
+        return arr
 
     @property
     def feature_widths(self) -> dict[str, int]:
@@ -518,7 +529,6 @@ class FeatureCache:
                 id, size, spatial_shapes, c1 or token counts, encoder layers; the message names
                 the field); nothing of image ``i`` is marked done then.
         """
-        g = self.group
         image_id = int(self.image_ids[i])
         if record.image_id is not None and int(record.image_id) != image_id:
             raise CacheError(f"{self.path}: record of image {record.image_id} written at index {i}, which holds image {image_id}")
@@ -541,30 +551,25 @@ class FeatureCache:
             if tokens.shape[0] != n_tok:
                 raise CacheError(f"image {image_id}: encoder layer {k} has {tokens.shape[0]} tokens, "
                                  f"spatial_shapes give {n_tok}")
-        g["done"][i] = PENDING
+        self._array("done")[i] = PENDING
         self._put("queries", i, record.queries)
-        g["logits"][i] = record.logits.detach().to("cpu", torch.float32).numpy()
-        g["boxes"][i] = record.boxes.detach().to("cpu", torch.float32).numpy()
-        g["query_index"][i] = record.query_index.detach().to("cpu", torch.int32).numpy()
-        g["valid_ratios"][i] = torch.as_tensor(record.valid_ratios).detach().to("cpu", torch.float32).numpy()
+        self._array("logits")[i] = record.logits.detach().to("cpu", torch.float32).numpy()
+        self._array("boxes")[i] = record.boxes.detach().to("cpu", torch.float32).numpy()
+        self._array("query_index")[i] = record.query_index.detach().to("cpu", torch.int32).numpy()
+        self._array("valid_ratios")[i] = torch.as_tensor(record.valid_ratios).detach().to("cpu", torch.float32).numpy()
         fault_point("cache.between_arrays", self.path)
         for k, tokens in record.encoder_tokens.items():
             self._put(f"encoder/layer_{k}", slice(t0, t0 + n_tok), tokens)
         self._put("c1", slice(c0, c0 + h1 * w1), c1.flatten(1).transpose(0, 1))
         fault_point("cache.before_done", self.path)
-        g["done"][i] = DONE
+        self._array("done")[i] = DONE
 
     def _put(self, name: str, where, rows: torch.Tensor) -> None:
         """Store ``[R, C]`` feature rows at ``where`` of array ``name`` (and their int8 scales)."""
         data, scale = _to_storage(rows, self.dtype)
-        self.group[name][where] = data
+        self._array(name)[where] = data
         if scale is not None:
-            self.group[f"{name}_scale"][where] = scale
-
-    def _get(self, name: str, where) -> torch.Tensor:
-        """Feature rows at ``where`` of array ``name`` in the read dtype (int8 dequantised)."""
-        scale = self.group[f"{name}_scale"][where] if self.dtype == "int8" else None
-        return _from_storage(self.group[name][where], self.dtype, scale)
+            self._array(f"{name}_scale")[where] = scale
 
     def mark_skipped(self, i: int, reason: str) -> None:
         """Flag image ``i`` as skipped (bad input) and record why in the store's attrs."""
@@ -582,7 +587,7 @@ class FeatureCache:
         come in the cache dtype (``FEATURE_DTYPES[dtype]``: int8 is dequantised to float32); ``logits [K, C]`` and ``boxes [K, 4]`` (cxcywh normalized) are
         float32, ``query_index [K]``, ``spatial_shapes [L, 2]`` and ``level_start_index [L]``
         int64, ``valid_ratios [L, 2]`` float32; ``image_id``, ``orig_size`` and ``size``
-        (``(h, w)`` pixels) are set.
+        (``(h, w)`` pixels) are set. Equals ``read_many([i], encoder_layer)[0]``.
 
         Args:
             encoder_layer: the stored encoder layer(s) to read (default: the first stored one).
@@ -590,10 +595,31 @@ class FeatureCache:
         Raises:
             CacheError: image ``i`` is not completely written, or a layer is not stored.
         """
-        g = self.group
-        if int(g["done"][i]) != DONE:
-            raise CacheError(f"{self.path}: image {int(self.image_ids[i])} is not completely extracted "
-                             f"(status {int(g['done'][i])}); re-run extract to finish it")
+        return self.read_many([i], encoder_layer)[0]
+
+    def read_many(self, indices: Iterable[int], encoder_layer: int | Iterable[int] | None = None) -> list[SampleRecord]:
+        """The records of several images (a training batch), read with few, concurrent requests.
+
+        Two rounds of concurrent requests (zarr's asynchronous API, one event-loop pass each):
+        first the ``done`` flags of all the images (an image's flag is set after all its arrays
+        are written, so data read after it is complete), then every array of every image as ONE
+        selection per array and image (one request per chunk it covers: a single chunk for the
+        per-image arrays, ``ceil(rows / chunk_rows)`` for the encoder tokens and C1, plus the
+        int8 scales). Array metadata is read once per opened cache, not per read. Blosc
+        decoding runs in zarr's thread pool while other chunks are still being fetched.
+
+        Args:
+            indices: store indices (0..N-1), any order, repeats allowed.
+            encoder_layer: as :meth:`read`.
+
+        Returns:
+            One :class:`~pipeline.record.SampleRecord` per index, in order (as :meth:`read`).
+
+        Raises:
+            CacheError: an image is not completely written (names the first such image id), or a
+                layer is not stored.
+        """
+        indices = [int(i) for i in indices]
         if encoder_layer is None:
             layers = [self.encoder_layers[0]]
         elif isinstance(encoder_layer, (int, np.integer)):
@@ -603,26 +629,66 @@ class FeatureCache:
         missing = [k for k in layers if k not in self.encoder_layers]
         if missing:
             raise CacheError(f"{self.path}: encoder layer(s) {missing} not stored (have {self.encoder_layers})")
-        shapes = torch.from_numpy(self._spatial_shapes[i].astype(np.int64))
-        sizes = shapes[:, 0] * shapes[:, 1]
-        t0, c0 = int(self._token_offset[i]), int(self._c1_offset[i])
-        t1 = t0 + int(sizes.sum())
-        h1, w1 = (int(x) for x in self._c1_shape[i])
-        c1 = self._get("c1", slice(c0, c0 + h1 * w1))
-        return SampleRecord(
-            queries=self._get("queries", i),
-            logits=torch.from_numpy(g["logits"][i]),
-            boxes=torch.from_numpy(g["boxes"][i]),
-            query_index=torch.from_numpy(g["query_index"][i].astype(np.int64)),
-            encoder_tokens={k: self._get(f"encoder/layer_{k}", slice(t0, t1)) for k in layers},
-            spatial_shapes=shapes,
-            level_start_index=torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1])),
-            valid_ratios=torch.from_numpy(g["valid_ratios"][i]),
-            c1=c1.transpose(0, 1).reshape(-1, h1, w1),
-            image_id=int(self.image_ids[i]),
-            orig_size=tuple(int(x) for x in self._orig_size[i]),
-            size=tuple(int(x) for x in self._size[i]),
-        )
+        flags = self._fetch([("done", i) for i in indices])
+        for i, flag in zip(indices, flags):
+            if int(flag) != DONE:
+                raise CacheError(f"{self.path}: image {int(self.image_ids[i])} is not completely extracted "
+                                 f"(status {int(flag)}); re-run extract to finish it")
+        int8 = self.dtype == "int8"
+        plain = ("logits", "boxes", "query_index", "valid_ratios")
+        requests, where = [], []  # (array, selection); per image: {field: position in requests}
+        for i in indices:
+            shapes = self._spatial_shapes[i]
+            t0, c0 = int(self._token_offset[i]), int(self._c1_offset[i])
+            t1 = t0 + int((shapes[:, 0].astype(np.int64) * shapes[:, 1]).sum())
+            h1, w1 = (int(x) for x in self._c1_shape[i])
+            features = {"queries": i, "c1": slice(c0, c0 + h1 * w1),
+                        **{f"encoder/layer_{k}": slice(t0, t1) for k in layers}}
+            pos = {}
+            for name in plain:
+                pos[name] = len(requests)
+                requests.append((name, i))
+            for name, sel in features.items():
+                pos[name] = len(requests)
+                requests.append((name, sel))
+                if int8:
+                    requests.append((f"{name}_scale", sel))
+            where.append(pos)
+        values = self._fetch(requests)
+
+        def feature(pos, name):
+            n = pos[name]
+            return _from_storage(values[n], self.dtype, values[n + 1] if int8 else None)
+
+        records = []
+        for i, pos in zip(indices, where):
+            shapes = torch.from_numpy(self._spatial_shapes[i].astype(np.int64))
+            sizes = shapes[:, 0] * shapes[:, 1]
+            h1, w1 = (int(x) for x in self._c1_shape[i])
+            records.append(SampleRecord(
+                queries=feature(pos, "queries"),
+                logits=torch.from_numpy(values[pos["logits"]]),
+                boxes=torch.from_numpy(values[pos["boxes"]]),
+                query_index=torch.from_numpy(values[pos["query_index"]].astype(np.int64)),
+                encoder_tokens={k: feature(pos, f"encoder/layer_{k}") for k in layers},
+                spatial_shapes=shapes,
+                level_start_index=torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1])),
+                valid_ratios=torch.from_numpy(values[pos["valid_ratios"]]),
+                c1=feature(pos, "c1").transpose(0, 1).reshape(-1, h1, w1),
+                image_id=int(self.image_ids[i]),
+                orig_size=tuple(int(x) for x in self._orig_size[i]),
+                size=tuple(int(x) for x in self._size[i]),
+            ))
+        return records
+
+    def _fetch(self, requests: list[tuple[str, object]]) -> list[np.ndarray]:
+        """``[array[selection] for array, selection in requests]``, fetched concurrently (one event-loop pass)."""
+        arrays = [self._array(name).async_array for name, _ in requests]
+
+        async def gather():
+            return await asyncio.gather(*(a.getitem(sel) for a, (_, sel) in zip(arrays, requests)))
+
+        return [np.asarray(v) for v in _zarr_sync(gather())]
 
     def info(self) -> dict:
         """What the store holds and what it costs (``cli.py cache-info``).

@@ -186,3 +186,64 @@ def test_lossy_storage_stays_within_its_documented_error(tmp_path, dtype, keep_b
         assert torch.equal(got.logits, rec.logits) and torch.equal(got.boxes, rec.boxes)  # never quantised
     q, s = quantize_int8(torch.zeros(2, 4))
     assert q.abs().sum() == 0 and s.abs().sum() == 0  # an all-zero row stays zero (no division by 0)
+
+
+def _written(path, dtype):
+    cache = _create(path, dtype)
+    for i in range(3):
+        cache.write(i, _record(i))
+    return FeatureCache.open(path)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_a_batch_reads_each_array_once_per_image_and_no_metadata(tmp_path, monkeypatch, dtype):
+    """read_many: after the first read, a batch costs exactly one request per chunk its images'
+    selections cover (one selection per array and image, int8 scales included), no zarr.json."""
+    from zarr.storage import LocalStore
+
+    reader = _written(tmp_path / "c.zarr", dtype)
+    reader.read(0, 4)  # opens the arrays (metadata) once
+    keys = []
+    get = LocalStore.get
+
+    async def counting_get(self, key, *args, **kwargs):
+        keys.append(key)
+        return await get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "get", counting_get)
+    got = reader.read_many([1, 2, 1], 4)
+    monkeypatch.undo()
+    assert not [k for k in keys if k.endswith("zarr.json")]
+    per_array = 2 if dtype == "int8" else 1  # features + their scales
+    expected = 0
+    for i in (1, 2, 1):
+        tok_chunks = -(-sum(h * w for h, w in SHAPES[i]) // 64)
+        c1_chunks = -(-SHAPES[i][0][0] * SHAPES[i][0][1] // 64)
+        expected += 5 + per_array * (1 + tok_chunks + c1_chunks)  # done, logits, boxes, query_index, valid_ratios
+    assert len(keys) == expected
+    fresh = FeatureCache.open(tmp_path / "c.zarr")
+    for i, rec in zip((1, 2, 1), got):  # the batch read equals image-by-image reads
+        one = fresh.read(i, 4)
+        assert torch.equal(rec.tokens, one.tokens) and torch.equal(rec.c1, one.c1) and torch.equal(rec.queries, one.queries)
+        assert rec.image_id == 100 + i
+
+
+def test_dataloader_workers_return_the_in_process_batches(tmp_path):
+    """CachedImages through a spawned worker (which opens the store itself) and loader_options
+    yields exactly the records FeatureCache.read_many gives in this process."""
+    from torch.utils.data import DataLoader
+
+    from pipeline.batches import CachedImages, loader_options
+
+    from .conftest import records_equal
+
+    reader = _written(tmp_path / "c.zarr", "int8")
+    ds = CachedImages(tmp_path / "c.zarr", [2, 0, 1], 6)
+    opts = loader_options("cpu", 1, prefetch_factor=2)
+    assert opts["pin_memory"] is False and loader_options("cuda", 2)["pin_memory"] is True
+    batches = list(DataLoader(ds, batch_size=2, shuffle=False, **opts))
+    assert [len(b) for b in batches] == [2, 1]
+    want = reader.read_many([2, 0, 1], 6)
+    assert all(records_equal(a, b) for a, b in zip([r for b in batches for r in b], want))
+    with pytest.raises(ValueError, match="num_workers"):
+        loader_options("cpu", -1)
