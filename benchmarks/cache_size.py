@@ -136,8 +136,8 @@ def codec_table(ref: Path, max_images: int = 4) -> list[dict]:
             stored["scale"] = scale.numpy()
         for dtype, arr in stored.items():
             raw = np.ascontiguousarray(arr)  # an array, so Blosc's typesize is the dtype's (shuffle works per element)
-            for name, (cname, shuffle) in CODECS.items():
-                codec = Blosc(cname=cname, clevel=3, shuffle={"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE,
+            for name, (cname, shuffle, clevel) in CODECS.items():
+                codec = Blosc(cname=cname, clevel=clevel, shuffle={"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE,
                                                               "bitshuffle": Blosc.BITSHUFFLE}[shuffle])
                 t = time.perf_counter()
                 enc = codec.encode(raw)

@@ -4,7 +4,8 @@ import pytest
 import torch
 import zarr
 
-from pipeline.cache import DONE, PENDING, SKIPPED, CacheError, FeatureCache, ImageLayout, fingerprint_diff
+from pipeline.cache import (DONE, INT8_STEP_PER_RMS, PENDING, SKIPPED, CacheError, FeatureCache, ImageLayout,
+                            fingerprint_diff)
 from pipeline.record import SampleRecord
 
 SHAPES = [[(20, 30), (10, 15), (5, 8)], [(16, 16), (8, 8), (4, 4)], [(7, 9), (4, 5), (2, 3)]]
@@ -177,15 +178,39 @@ def test_lossy_storage_stays_within_its_documented_error(tmp_path, dtype, keep_b
                                                      "float16": torch.float16}[dtype]
         pairs = [(got.queries, rec.queries), (got.c1, rec.c1)] + [(got.encoder_tokens[k], rec.encoder_tokens[k]) for k in (4, 6)]
         for a, b in pairs:
-            assert a.shape == b.shape and _rel_rms(a, b) <= bound
+            # int8: the rounding error is uniform within +-step/2, 0.95 % of the RMS on average; over n
+            # values its sample RMS varies by ~0.45/sqrt(n) relative (toy queries: n = 40 -> up to ~1.15 %)
+            small = dtype == "int8" and b.numel() < 1000
+            assert a.shape == b.shape and _rel_rms(a, b) <= (0.0125 if small else bound)
             assert 0 < _rel_rms(a, b)  # lossy: the option really changed the values
         if dtype == "int8":  # per-row error <= half a step of that row's scale (+ float16 scale rounding)
             x = rec.encoder_tokens[4]
-            step = x.abs().amax(1, keepdim=True) / 127
+            step = torch.maximum(x.abs().amax(1, keepdim=True) / 127, INT8_STEP_PER_RMS * x.pow(2).mean(1, keepdim=True).sqrt())
             assert bool(((got.encoder_tokens[4] - x).abs() <= step * 0.5 + x.abs() * 2e-3 + 1e-6).all())
         assert torch.equal(got.logits, rec.logits) and torch.equal(got.boxes, rec.boxes)  # never quantised
     q, s = quantize_int8(torch.zeros(2, 4))
     assert q.abs().sum() == 0 and s.abs().sum() == 0  # an all-zero row stays zero (no division by 0)
+
+
+def test_int8_step_follows_the_error_budget_and_never_clips_outliers():
+    """quantize_int8: a Gaussian row gets the RMS-budget step (relative RMS error ~0.95 %, under
+    1 %, with fewer levels than max-abs scaling); a row with an outlier channel falls back to
+    max-abs scaling, so the outlier is kept within half a step instead of being clipped."""
+    from pipeline.cache import dequantize_int8, quantize_int8
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 256, generator=g)
+    q, s = quantize_int8(x)
+    err = _rel_rms(dequantize_int8(q, s), x)
+    assert 0.009 <= err <= 0.01
+    # Gaussian rows use fewer levels than max-abs scaling would (a few rows reach 4.2 RMS and fall back)
+    assert float((q.abs().amax(1) < 127).float().mean()) > 0.95
+    x[:, 7] = 40.0  # an outlier channel, ~40 RMS
+    q, s = quantize_int8(x)
+    y = dequantize_int8(q, s)
+    assert bool((q[:, 7] == 127).all()) and bool(((y[:, 7] - 40.0).abs() <= s.float() / 2 + 0.04).all())
+    plain_q, plain_s = quantize_int8(x, step_per_rms=0)
+    assert torch.equal(plain_s, s)  # outlier rows: exactly max-abs scaling
 
 
 def _written(path, dtype):
