@@ -313,6 +313,55 @@ def fingerprint_diff(expected: dict, found: dict, keys: Iterable[str] = COMPATIB
     return diffs
 
 
+def is_url(path: str | os.PathLike) -> bool:
+    """True when ``path`` is an fsspec URL (``s3://bucket/x.zarr``, ``gs://...``, ``memory://...``),
+    not a local path. ``file://`` URLs count as URLs (stored through fsspec, without rename)."""
+    return isinstance(path, str) and "://" in path
+
+
+def store_location(path: str | os.PathLike) -> str | Path:
+    """``path`` as the store is addressed: the URL string unchanged, or a local :class:`Path`."""
+    return path.rstrip("/") if is_url(path) else Path(path)
+
+
+def _url_fs(url: str):
+    """``(fsspec filesystem, path inside it)`` of ``url``.
+
+    Raises:
+        CacheError: the URL's protocol is unknown to fsspec, or its filesystem package (an extra,
+            e.g. ``s3fs`` for ``s3://``: ``pip install 'mask-frozen-detr[s3]'``) is not installed.
+    """
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        raise CacheError(f"{url}: the filesystem for {url.split('://')[0]}:// is not installed ({e}); "
+                         "for s3:// install the extra: pip install 'mask-frozen-detr[s3]'") from None
+    except ValueError as e:
+        raise CacheError(f"{url}: not a store URL fsspec knows ({e})") from None
+
+
+def _open_zarr_group(path: str | Path, mode: str) -> zarr.Group:
+    """The zarr group at a local path or an fsspec URL (zarr's ``FsspecStore``, asynchronous)."""
+    if not is_url(path):
+        return zarr.open_group(str(path), mode=mode)
+    from zarr.storage import FsspecStore
+
+    _url_fs(path)  # clear errors for an unknown protocol / a filesystem extra not installed
+    # its own asynchronous filesystem instance, on zarr's event loop (a synchronous one is wrapped)
+    store = FsspecStore.from_url(path, read_only=mode == "r")
+    return zarr.open_group(store=store, mode=mode)
+
+
+def _has_metadata(path: str | Path) -> bool:
+    """Whether a zarr group's ``zarr.json`` exists at ``path`` (local path or URL)."""
+    if is_url(path):
+        fs, root = _url_fs(path)
+        return fs.exists(f"{root}/zarr.json")
+    return (Path(path) / "zarr.json").exists()
+
+
 @dataclass
 class ImageLayout:
     """What the writer must know about one image before any detector output exists.
@@ -340,7 +389,7 @@ class FeatureCache:
     """
 
     def __init__(self, path: str | os.PathLike, group: zarr.Group):
-        self.path = Path(path)
+        self.path = store_location(path)
         self.group = group
         attrs = dict(group.attrs)
         if attrs.get("format") != FORMAT:
@@ -409,10 +458,10 @@ class FeatureCache:
             CacheError: missing/foreign store, unsupported version, or a fingerprint that
                 differs from ``expected`` (the message lists each differing field).
         """
-        path = Path(path)
-        if not (path / "zarr.json").exists():
-            raise CacheError(f"{path}: no feature cache here (missing {path / 'zarr.json'}); run `cli.py extract` first")
-        cache = cls(path, zarr.open_group(str(path), mode=mode))
+        path = store_location(path)
+        if not _has_metadata(path):
+            raise CacheError(f"{path}: no feature cache here (missing {path}/zarr.json); run `cli.py extract` first")
+        cache = cls(path, _open_zarr_group(path, mode))
         if expected is not None:
             diffs = fingerprint_diff(expected, cache.fingerprint, keys)
             if diffs:
@@ -439,13 +488,20 @@ class FeatureCache:
                 (the message says what differs and suggests ``--overwrite``); an invalid
                 dtype/codec/keep_bits (before anything is written).
         """
-        path = Path(path)
+        path = store_location(path)
         dtype = fingerprint["dtype"]
         keep_bits, codec = fingerprint.get("keep_bits"), fingerprint.get("codec", "auto")
         check_storage(dtype, keep_bits, codec)
         sdtype = _storage_dtype(dtype)
         image_ids = np.asarray([l.image_id for l in layouts], dtype=np.int64)
-        if (path / "zarr.json").exists() and not overwrite:
+        url = is_url(path)
+        if url and not overwrite and _has_metadata(path):
+            # An object store has no rename: the group is created in place, marked "creating"
+            # until its attrs are written last; a marked store is a crashed creation, made again.
+            attrs = dict(_open_zarr_group(path, "r").attrs)
+            if attrs.get("creating") == FORMAT and "format" not in attrs:
+                overwrite = True
+        if _has_metadata(path) and not overwrite:
             cache = cls.open(path)
             diffs = fingerprint_diff(fingerprint, cache.fingerprint, keys=sorted(fingerprint))
             if diffs or not np.array_equal(cache.image_ids, image_ids):
@@ -456,20 +512,28 @@ class FeatureCache:
                     f"{path}: exists and was written with other settings, so it cannot be resumed:\n  "
                     + "\n  ".join(diffs) + "\nUse another --out or pass --overwrite to replace it."
                 )
-            return cls(path, zarr.open_group(str(path), mode="r+"))
+            return cls(path, _open_zarr_group(path, "r+"))
 
-        if path.exists() and not (path / "zarr.json").exists() and any(path.iterdir()):
-            raise CacheError(f"{path}: exists and is not a feature cache; refusing to write into it")
-        if overwrite and path.exists():
-            shutil.rmtree(path)
-        # Built under a temporary name and renamed into place: a crash while creating never
-        # leaves a half-made store at ``path``.
-        partial = path.with_name(path.name + ".partial")
-        if partial.exists():
-            shutil.rmtree(partial)
+        if url:
+            fs, root = _url_fs(path)
+            if fs.exists(root) and not _has_metadata(path) and fs.ls(root):
+                raise CacheError(f"{path}: exists and is not a feature cache; refusing to write into it")
+            partial = path
+            group = _open_zarr_group(path, "w")  # mode "w" clears what was there (--overwrite, crashed creation)
+            group.attrs["creating"] = FORMAT
+        else:
+            if path.exists() and not (path / "zarr.json").exists() and any(path.iterdir()):
+                raise CacheError(f"{path}: exists and is not a feature cache; refusing to write into it")
+            if overwrite and path.exists():
+                shutil.rmtree(path)
+            # Built under a temporary name and renamed into place: a crash while creating never
+            # leaves a half-made store at ``path``.
+            partial = path.with_name(path.name + ".partial")
+            if partial.exists():
+                shutil.rmtree(partial)
+            group = zarr.open_group(str(partial), mode="w")
         n = len(layouts)
         num_levels = len(layouts[0].spatial_shapes) if layouts else 0
-        group = zarr.open_group(str(partial), mode="w")
         tok_rows = [sum(h * w for h, w in l.spatial_shapes) for l in layouts]
         c1_rows = [l.c1_shape[0] * l.c1_shape[1] for l in layouts]
         token_offset = _aligned_offsets(tok_rows, token_chunk_rows)
@@ -512,6 +576,9 @@ class FeatureCache:
         fault_point("cache.create", partial)
         group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION,
                             "fingerprint": fingerprint, "skipped": {}})
+        if url:
+            group.attrs.pop("creating", None)
+            return cls(path, _open_zarr_group(path, "r+"))
         fault_point("cache.rename", partial)
         os.replace(partial, path)
         return cls(path, zarr.open_group(str(path), mode="r+"))
@@ -775,5 +842,8 @@ class FeatureCache:
         }
 
     def disk_bytes(self) -> int:
-        """Bytes the store occupies on disk (all files under ``path``)."""
+        """Bytes the store occupies on disk (all files under ``path``; all objects under a URL)."""
+        if is_url(self.path):
+            fs, root = _url_fs(self.path)
+            return int(fs.du(root, total=True))
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
