@@ -35,6 +35,11 @@ from that chunk's fill value, so the slack costs (almost) nothing after compress
 
 bfloat16 has no numpy dtype: it is stored as its raw 16 bits (``uint16``) and viewed back.
 
+A store is a local directory or any fsspec URL zarr accepts (``s3://...`` with the ``s3``
+extra). A local store is built under ``<store>.partial`` and renamed into place; an object
+store has no rename, so it is built in place with the attribute ``creating`` until its
+attributes are written last (a store still marked is a crashed creation and is made again).
+
 Feature dtypes (fingerprint ``dtype``): ``float16``/``bfloat16``/``float32`` are read back in
 that dtype; ``int8`` is symmetric per-row quantisation (each token row, query row and C1
 pixel row has its own float16 scale, the step ``max(max|x| / 127, 0.0329 * rms)``: relative
@@ -450,7 +455,7 @@ class FeatureCache:
         """Open an existing store (read-only by default), optionally checking its fingerprint.
 
         Args:
-            path: the ``.zarr`` directory.
+            path: the ``.zarr`` directory, or an fsspec URL (``s3://bucket/x.zarr``; see :func:`is_url`).
             mode: ``"r"`` or ``"r+"`` (a writer process resuming its share of the images).
             expected: a fingerprint (or part of one) the cache must match on ``keys``.
 
