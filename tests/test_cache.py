@@ -171,7 +171,8 @@ def test_lossy_storage_stays_within_its_documented_error(tmp_path, dtype, keep_b
         cache.write(i, rec)
     reader = FeatureCache.open(tmp_path / "c.zarr")
     if dtype == "int8":
-        assert reader.group["encoder/layer_4"].dtype == "int8" and reader.group["c1_scale"].dtype == "float16"
+        # int8 values zigzag-coded as uint8 (sign in the low bit), scales float16
+        assert reader.group["encoder/layer_4"].dtype == "uint8" and reader.group["c1_scale"].dtype == "float16"
     for i, rec in enumerate(recs):
         got = reader.read(i, [4, 6])
         assert got.queries.dtype == got.c1.dtype == {"int8": torch.float32, "bfloat16": torch.bfloat16,
@@ -211,6 +212,17 @@ def test_int8_step_follows_the_error_budget_and_never_clips_outliers():
     assert bool((q[:, 7] == 127).all()) and bool(((y[:, 7] - 40.0).abs() <= s.float() / 2 + 0.04).all())
     plain_q, plain_s = quantize_int8(x, step_per_rms=0)
     assert torch.equal(plain_s, s)  # outlier rows: exactly max-abs scaling
+
+
+def test_zigzag_code_round_trips_every_int8():
+    import numpy as np
+
+    from pipeline.cache import unzigzag_int8, zigzag_int8
+
+    q = np.arange(-128, 128, dtype=np.int8)
+    z = zigzag_int8(q)
+    assert z.dtype == np.uint8 and np.array_equal(unzigzag_int8(z), q)
+    assert zigzag_int8(np.array([0, -1, 1, -2, 2, -127, 127], dtype=np.int8)).tolist() == [0, 1, 2, 3, 4, 253, 254]
 
 
 def _written(path, dtype):

@@ -237,9 +237,9 @@ def test_int8_store_with_fewer_levels_trains_a_head(tmp_path):
     fp = cache.fingerprint
     assert fp["dtype"] == "int8" and fp["levels"] == [0, 1, 2] and fp["codec"] == "auto"
     assert fp["feature_widths"] == {"c1_channels": 16, "num_feature_levels": 3}
-    g = zarr.open_group(str(out), mode="r")
-    assert g["encoder/layer_4"].dtype == np.int8 and g["encoder/layer_4_scale"].dtype == np.float16
-    assert g["c1"].dtype == np.int8 and g["c1_scale"].shape == (g["c1"].shape[0],)
+    g = zarr.open_group(str(out), mode="r")  # int8 values zigzag-coded as uint8
+    assert g["encoder/layer_4"].dtype == np.uint8 and g["encoder/layer_4_scale"].dtype == np.float16
+    assert g["c1"].dtype == np.uint8 and g["c1_scale"].shape == (g["c1"].shape[0],)
     rec = cache.read(0, 4)
     assert rec.tokens.dtype == rec.c1.dtype == rec.queries.dtype == torch.float32
     assert rec.spatial_shapes.shape == (3, 2) and rec.tokens.shape[0] == int(rec.spatial_shapes.prod(1).sum())
