@@ -97,7 +97,7 @@ CODECS = {f"{cname}{level or ''}-{shuffle}": (cname, shuffle, level or 3)
 AUTO_CODECS = {("int8", "tokens"): "zstd5-bitshuffle", ("int8", "c1"): "zstd5-bitshuffle",
                ("int8", "queries"): "zstd5-bitshuffle", ("int8", "scale"): "zstd5-shuffle",
                ("float16", "tokens"): "zstd5-shuffle", ("float16", "c1"): "zstd5-shuffle",
-               ("float16", "queries"): "zstd5-shuffle", ("bfloat16", "tokens"): "zstd5-shuffle",
+               ("float16", "queries"): "zstd5-bitshuffle", ("bfloat16", "tokens"): "zstd5-shuffle",
                ("bfloat16", "c1"): "zstd5-shuffle", ("bfloat16", "queries"): "zstd5-shuffle"}
 DEFAULT_CODEC = "zstd-bitshuffle"
 #: int8 quantisation step as a fraction of the row's RMS (see :func:`quantize_int8`): a uniform
