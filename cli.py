@@ -16,6 +16,21 @@ from pathlib import Path
 import click
 
 
+class StorePath(click.ParamType):
+    """A feature-cache store: a local path (:class:`Path`) or any fsspec URL zarr accepts, kept as
+    a string (``s3://bucket/train.zarr``; remote filesystems need their extra, e.g. ``[s3]``)."""
+
+    name = "store"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, Path) or "://" not in str(value):
+            return Path(value)
+        return str(value)
+
+
+STORE = StorePath()
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -166,7 +181,8 @@ def main(verbose):
 @click.option("--skip-bad-images", is_flag=True,
               help="Record unreadable images in the store's skipped list and go on (default: stop with an error).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out instead of resuming it.")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output .zarr store.")
+@click.option("--out", required=True, type=STORE,
+              help="Output .zarr store: a local path or an fsspec URL (s3://bucket/train.zarr with the [s3] extra).")
 @impl_option
 @friendly_errors
 def extract(**kw):
@@ -186,7 +202,7 @@ def extract(**kw):
 
 # -------------------------------------------------------------------------------- cache-info
 @main.command("cache-info")
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE)
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
 @friendly_errors
 def cache_info(store, as_json):
@@ -247,9 +263,8 @@ def check_weights(detector, preset, weights):
 
 # -------------------------------------------------------------------------------- train-head
 @main.command("train-head")
-@click.option("--cache", required=True, type=click.Path(file_okay=False, path_type=Path), help="Training cache.")
-@click.option("--val-cache", type=click.Path(file_okay=False, path_type=Path),
-              help="Validation cache, evaluated at the end.")
+@click.option("--cache", required=True, type=STORE, help="Training cache (local path or fsspec URL).")
+@click.option("--val-cache", type=STORE, help="Validation cache, evaluated at the end (local path or fsspec URL).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               default=Path(__file__).parent / "configs" / "mfdetr_dino_focalnet_l.yaml", show_default=True,
               help="Experiment YAML (head, train and evaluate sections).")
@@ -263,6 +278,9 @@ def check_weights(detector, preset, weights):
 @click.option("--mask-fraction", type=float,
               help="Train on the masks of this seeded fraction (0, 1] of the cache's images (label efficiency; "
                    "shortcut for --set train.mask_fraction=F). The ids used go to <out>/mask_subset.json.")
+@click.option("--num-workers", type=int,
+              help="DataLoader worker processes reading the cache (each opens the store and decodes its batches; "
+                   "shortcut for --set train.num_workers=N; on CUDA batches are pinned and prefetched).")
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1 ...")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--ann-file", type=click.Path(dir_okay=False, path_type=Path),
@@ -276,7 +294,7 @@ def check_weights(detector, preset, weights):
 @impl_option
 @friendly_errors
 def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batch_size, boxes, mask_fraction,
-               device, resume, ann_file, val_ann_file, tensorboard, quiet, out, impl):
+               num_workers, device, resume, ann_file, val_ann_file, tensorboard, quiet, out, impl):
     """Train the mask head from the cache only (the detector is never built).
 
     Writes <out>/config.yaml (resolved), <out>/metrics.jsonl, <out>/checkpoint.pt (latest) and
@@ -292,7 +310,7 @@ def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batc
 
         check_mask_fraction(mask_fraction)
     for key, val in (("epochs", epochs), ("max_iters", max_iters), ("batch_size", batch_size), ("boxes", boxes),
-                     ("mask_fraction", mask_fraction)):
+                     ("mask_fraction", mask_fraction), ("num_workers", num_workers)):
         if val is not None:
             extra.append(f"train.{key}={val}")
     cfg = load_config(config_path, extra)
@@ -309,7 +327,7 @@ def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batc
 
 # ---------------------------------------------------------------------------------- evaluate
 @main.command()
-@click.option("--cache", required=True, type=click.Path(file_okay=False, path_type=Path), help="Cache to evaluate.")
+@click.option("--cache", required=True, type=STORE, help="Cache to evaluate (local path or fsspec URL).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), help="head.pt (with --head trained; not with --sam).")
 @click.option("--head", "head_kind", type=click.Choice(["trained", "baseline"]), default="trained", show_default=True,
               help="trained = the head in --checkpoint; baseline = the training-free baseline of Eq. 1-4 "

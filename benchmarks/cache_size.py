@@ -41,7 +41,7 @@ from numcodecs import Blosc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.batches import annotation_file, image_features  # noqa: E402
-from pipeline.cache import CODECS, FeatureCache, ImageLayout, quantize_int8  # noqa: E402
+from pipeline.cache import CODECS, FeatureCache, ImageLayout, quantize_int8, zigzag_int8  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.extract import ExtractOptions, run_extract  # noqa: E402
 from pipeline.head import HeadConfig, build_head  # noqa: E402
@@ -131,13 +131,13 @@ def codec_table(ref: Path, max_images: int = 4) -> list[dict]:
     rows = []
     for kind, x in arrays.items():
         q, scale = quantize_int8(x)
-        stored = {"float16": x.half().numpy(), "int8": q.numpy()}
+        stored = {"float16": x.half().numpy(), "int8": zigzag_int8(q.numpy())}  # int8 as stored (zigzag uint8)
         if kind == "tokens":
             stored["scale"] = scale.numpy()
         for dtype, arr in stored.items():
             raw = np.ascontiguousarray(arr)  # an array, so Blosc's typesize is the dtype's (shuffle works per element)
-            for name, (cname, shuffle) in CODECS.items():
-                codec = Blosc(cname=cname, clevel=3, shuffle={"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE,
+            for name, (cname, shuffle, clevel) in CODECS.items():
+                codec = Blosc(cname=cname, clevel=clevel, shuffle={"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE,
                                                               "bitshuffle": Blosc.BITSHUFFLE}[shuffle])
                 t = time.perf_counter()
                 enc = codec.encode(raw)

@@ -94,11 +94,17 @@ class CachedImages(Dataset):
         return len(self.indices)
 
     def __getitem__(self, n: int) -> SampleRecord:
+        return self.__getitems__([n])[0]
+
+    def __getitems__(self, ns: list[int]) -> list[SampleRecord]:
+        """Items ``ns`` (a whole batch: the DataLoader calls this with the sampler's batch), read
+        with :meth:`FeatureCache.read_many`: one selection per array and image, all concurrent."""
         self._open()
-        record = self._cache.read(self.indices[n], self.encoder_layer)
+        records = self._cache.read_many([self.indices[n] for n in ns], self.encoder_layer)
         if self.with_gt:
-            record.gt = ground_truth(self._coco, record.image_id)
-        return record
+            for record in records:
+                record.gt = ground_truth(self._coco, record.image_id)
+        return records
 
 
 def ground_truth(coco, image_id: int) -> dict:
@@ -122,6 +128,31 @@ def ground_truth(coco, image_id: int) -> dict:
 def collate_list(items: list[SampleRecord]) -> list[SampleRecord]:
     """Samples stay a list: images have different sizes and numbers of objects."""
     return items
+
+
+def loader_options(device, num_workers: int, prefetch_factor: int = 4) -> dict:
+    """DataLoader keyword arguments for reading :class:`CachedImages` onto ``device``.
+
+    ``num_workers`` spawned worker processes each open the store themselves and decode their
+    batches (zarr/Blosc) in parallel with the head's steps; on CUDA the batches are put in
+    pinned memory (``SampleRecord.pin_memory``) so that :func:`image_features` copies them with
+    ``non_blocking=True``, and each worker keeps ``prefetch_factor`` batches ready.
+
+    Args:
+        device: the training device (``torch.device`` or string).
+        num_workers: 0 = read in the training process.
+        prefetch_factor: batches each worker reads ahead (only with workers).
+
+    Raises:
+        ValueError: ``num_workers`` < 0 (names ``train.num_workers``).
+    """
+    if int(num_workers) < 0:
+        raise ValueError(f"train.num_workers (--num-workers) must be >= 0, got {num_workers}")
+    workers = int(num_workers)
+    return {"collate_fn": collate_list, "num_workers": workers,
+            "multiprocessing_context": "spawn" if workers else None,
+            "pin_memory": torch.device(device).type == "cuda",
+            "prefetch_factor": int(prefetch_factor) if workers else None}
 
 
 class EpochSampler(Sampler[int]):
@@ -153,7 +184,9 @@ def image_features(head, items: list[SampleRecord], device, dtype=torch.float32)
     one ``ImageFeatures`` per image (``pipeline.head.model.ImageFeatures``: F = Neck(C1) +
     interpolate(E) kept as its two terms)."""
     feats = []
-    for it in items:
-        feats.append(head.encode_image(it.tokens.to(device, dtype), it.spatial_shapes.to(device),
-                                       it.level_start_index.to(device), it.c1.to(device, dtype)))
+    for it in items:  # non_blocking: pinned batches (loader_options on CUDA) copy while the head runs
+        feats.append(head.encode_image(it.tokens.to(device, dtype, non_blocking=True),
+                                       it.spatial_shapes.to(device, non_blocking=True),
+                                       it.level_start_index.to(device, non_blocking=True),
+                                       it.c1.to(device, dtype, non_blocking=True)))
     return feats

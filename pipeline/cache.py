@@ -33,12 +33,20 @@ loses data when two writers touch one chunk or shard), and a partially written i
 rewritten on resume. Rows past an image's end inside its last chunk are never written apart
 from that chunk's fill value, so the slack costs (almost) nothing after compression.
 
-bfloat16 has no numpy dtype: it is stored as its raw 16 bits (``uint16``) and viewed back.
+bfloat16 has no numpy dtype: it is stored as its raw 16 bits (``uint16``) and viewed back. int8 features are stored
+zigzag-coded as ``uint8`` (:func:`zigzag_int8`: magnitudes in the low bits, which bit-shuffled
+zstd compresses better); int8 arrays of earlier stores are read as they are.
+
+A store is a local directory or any fsspec URL zarr accepts (``s3://...`` with the ``s3``
+extra). A local store is built under ``<store>.partial`` and renamed into place; an object
+store has no rename, so it is built in place with the attribute ``creating`` until its
+attributes are written last (a store still marked is a crashed creation and is made again).
 
 Feature dtypes (fingerprint ``dtype``): ``float16``/``bfloat16``/``float32`` are read back in
 that dtype; ``int8`` is symmetric per-row quantisation (each token row, query row and C1
-pixel row has its own float16 scale ``max|x| / 127``, relative RMS error ~0.5 % on
-encoder-like features) and is dequantised to float32 on read. Fingerprint ``keep_bits``
+pixel row has its own float16 scale, the step ``max(max|x| / 127, 0.0329 * rms)``: relative
+RMS error 0.95 % on well-spread rows, see :func:`quantize_int8`) and is dequantised to float32
+on read. Fingerprint ``keep_bits``
 (float16/float32 only) rounds the mantissa to that many bits with numcodecs ``BitRound``
 before compression (lossy). The Blosc codec of each array (fingerprint ``codec``) is a
 choice of :data:`CODECS`; ``auto`` takes :data:`AUTO_CODECS`, chosen by
@@ -47,6 +55,7 @@ choice of :data:`CODECS`; ``auto`` takes :data:`AUTO_CODECS`, chosen by
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -60,6 +69,7 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import BitRound, BloscCodec
+from zarr.core.sync import sync as _zarr_sync
 
 from .faults import fault_point
 from .record import SampleRecord
@@ -71,18 +81,28 @@ FEATURE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32
                   "int8": torch.float32}
 #: Mantissa bits of the dtypes ``keep_bits`` (numcodecs BitRound) applies to.
 MANTISSA_BITS = {"float16": 10, "float32": 23}
-#: Blosc codecs a store may use per array: name -> (cname, shuffle).
-CODECS = {"zstd-bitshuffle": ("zstd", "bitshuffle"), "zstd-shuffle": ("zstd", "shuffle"),
-          "zstd-noshuffle": ("zstd", "noshuffle"), "lz4-bitshuffle": ("lz4", "bitshuffle"),
-          "lz4-shuffle": ("lz4", "shuffle"), "lz4-noshuffle": ("lz4", "noshuffle")}
+#: Blosc codecs a store may use per array: name -> (cname, shuffle, clevel). The names without a
+#: level are clevel 3 (stores written before levels were a choice keep their names).
+CODECS = {f"{cname}{level or ''}-{shuffle}": (cname, shuffle, level or 3)
+          for cname in ("zstd", "lz4") for level in (None, 5, 7, 9) for shuffle in ("bitshuffle", "shuffle", "noshuffle")
+          if cname == "zstd" or level is None}
 #: ``codec="auto"``: (stored dtype, array kind) -> codec, from ``benchmarks/cache_size.py`` (README
 #: "Cache size"). Kinds: ``tokens`` (encoder layers), ``c1``, ``queries``, ``scale``, ``other``.
-#: Measured (random-init golden-small features, val2017): float16 compresses best bit-shuffled
-#: (1.11-1.16x), int8 best unshuffled (1.04-1.06x; bit-shuffling int8 gains ~0.5 %), the float16
-#: scales best byte-shuffled (1.6x).
-AUTO_CODECS = {("int8", "tokens"): "zstd-noshuffle", ("int8", "c1"): "zstd-noshuffle",
-               ("int8", "queries"): "zstd-noshuffle", ("int8", "scale"): "zstd-shuffle"}
+#: Measured (random-init golden-small features, val2017, 320/480): zstd level 5 is where both
+#: feature dtypes gain most for their encode speed (~130 MB/s per core here; level 9 gains 3-7 %
+#: more at ~8 MB/s, level 3 loses 8-15 %). At level 5 float16 compresses best byte-shuffled
+#: (1.22x on tokens) and zigzag-coded int8 best bit-shuffled (1.32x on tokens, 1.43x on C1; in
+#: two's complement 1.20x / 1.31x), so int8 takes ~0.46x the float16 bytes; the float16 scales
+#: compress best byte-shuffled. Every other array (logits, boxes, ...) keeps :data:`DEFAULT_CODEC`.
+AUTO_CODECS = {("int8", "tokens"): "zstd5-bitshuffle", ("int8", "c1"): "zstd5-bitshuffle",
+               ("int8", "queries"): "zstd5-bitshuffle", ("int8", "scale"): "zstd5-shuffle",
+               ("float16", "tokens"): "zstd5-shuffle", ("float16", "c1"): "zstd5-shuffle",
+               ("float16", "queries"): "zstd5-bitshuffle", ("bfloat16", "tokens"): "zstd5-shuffle",
+               ("bfloat16", "c1"): "zstd5-shuffle", ("bfloat16", "queries"): "zstd5-shuffle"}
 DEFAULT_CODEC = "zstd-bitshuffle"
+#: int8 quantisation step as a fraction of the row's RMS (see :func:`quantize_int8`): a uniform
+#: rounding error of step/sqrt(12) = 0.95 % of the RMS, inside the 1 % budget of the issue.
+INT8_STEP_PER_RMS = 0.0329
 
 # ``keep_bits`` stores use numcodecs' BitRound, which zarr flags on every open as outside the zarr
 # v3 spec (readable by zarr-python + numcodecs; the README says so): not worth a warning per read.
@@ -155,40 +175,73 @@ def check_storage(dtype: str, keep_bits: int | None, codec: str) -> None:
             raise CacheError(f"--keep-bits must be in 1..{MANTISSA_BITS[dtype]} for {dtype}, got {keep_bits}")
 
 
-def codec_of(dtype: str, kind: str, codec: str = "auto") -> str:
-    """The :data:`CODECS` name an array of ``kind`` (tokens, c1, queries, scale, other) uses."""
+def codec_of(dtype: str, kind: str, codec: str = "auto", keep_bits: int | None = None) -> str:
+    """The :data:`CODECS` name an array of ``kind`` (tokens, c1, queries, scale, other) uses.
+
+    ``auto``: :data:`AUTO_CODECS`; feature arrays rounded by ``keep_bits`` (BitRound zeroes
+    their low mantissa bits) take ``zstd5-bitshuffle``, which packs those zero bits together.
+    """
     if codec != "auto":
         return codec
+    if keep_bits is not None and kind in ("tokens", "c1", "queries"):
+        return "zstd5-bitshuffle"
     return AUTO_CODECS.get((dtype, kind), DEFAULT_CODEC)
 
 
 def _compressor(name: str = DEFAULT_CODEC) -> BloscCodec:
     # numcodecs' Blosc through zarr's spec-conformant codec.
-    cname, shuffle = CODECS[name]
-    return BloscCodec(cname=cname, clevel=3, shuffle=shuffle)
+    cname, shuffle, clevel = CODECS[name]
+    return BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle)
 
 
 def _storage_dtype(dtype: str) -> str:
     check_dtype(dtype)
-    return {"bfloat16": "uint16"}.get(dtype, dtype)
+    return {"bfloat16": "uint16", "int8": "uint8"}.get(dtype, dtype)
 
 
-def quantize_int8(x: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 quantisation with one float16 scale per slice along ``dim``'s complement.
+def zigzag_int8(q: np.ndarray) -> np.ndarray:
+    """int8 -> uint8 zigzag code (0, -1, 1, -2, 2, ... -> 0, 1, 2, 3, 4, ...): the magnitude goes to
+    the low bits, so the high bit planes of small values are zero and bit-shuffled zstd packs them
+    (two's complement fills them with copies of the sign). Measured: int8 tokens compress 1.32x
+    instead of 1.20x (zstd 5, bit-shuffled). Inverse: :func:`unzigzag_int8`."""
+    q16 = q.astype(np.int16)
+    return ((q16 << 1) ^ (q16 >> 15)).astype(np.uint8)
 
-    ``scale = max|x| / 127`` over ``dim`` (rounded to float16), ``q = round(x / scale)`` clamped
-    to [-127, 127]; an all-zero slice gets scale 0 and q 0. Error per element <= scale / 2.
+
+def unzigzag_int8(z: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`zigzag_int8`: uint8 code -> int8."""
+    z16 = z.astype(np.int16)
+    return ((z16 >> 1) ^ -(z16 & 1)).astype(np.int8)
+
+
+def quantize_int8(x: torch.Tensor, dim: int = -1, step_per_rms: float = INT8_STEP_PER_RMS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantisation with one float16 scale (the step) per slice, sized for the error budget.
+
+    ``scale = max(max|x| / 127, step_per_rms * rms(x))`` over ``dim`` (rounded to float16),
+    ``q = round(x / scale)`` in [-127, 127]; an all-zero slice gets scale 0 and q 0. Nothing is
+    ever clipped: the step is at least ``max|x| / 127``. For a well-spread slice (max below
+    ``127 * step_per_rms`` = 4.2 RMS, e.g. a Gaussian row of 256 values, max ~2.9 RMS) the step is
+    ``step_per_rms * rms``: relative RMS error ``step_per_rms / sqrt(12)`` = 0.95 % — fewer levels
+    than max-abs scaling (entropy ~7.0 instead of ~7.5 bits a value), so the bytes compress to
+    <= 0.5x float16's. A slice with outliers (max above 4.2 RMS: an outlier channel) falls back to
+    max-abs scaling: its outliers keep their value within half a step, and its relative error is
+    larger than 0.95 % (as plain max-abs int8 would give). Error per element <= scale / 2.
+    Source: symmetric per-row quantisation (e.g. LLM.int8, Dettmers et al. 2022) with the step
+    chosen from the RMS budget; ``benchmarks/cache_size.py`` measures it.
 
     Args:
         x: ``[R, C]`` float tensor (any float dtype, any device).
         dim: the dimension reduced for the scale: -1 = one scale per row (``[R]``), 0 = one per
             column (``[C]``).
+        step_per_rms: the step as a fraction of the slice's RMS (0 = plain max-abs scaling).
 
     Returns:
         ``(q [R, C] int8, scale float16 [R] or [C])`` on CPU.
     """
     x = x.detach().to("cpu", torch.float32)
-    scale = (x.abs().amax(dim=dim, keepdim=True) / 127).to(torch.float16)
+    step = torch.maximum(x.abs().amax(dim=dim, keepdim=True) / 127,
+                         float(step_per_rms) * x.pow(2).mean(dim=dim, keepdim=True).sqrt())
+    scale = step.to(torch.float16)
     s = scale.float()
     q = torch.where(s > 0, x / torch.where(s > 0, s, 1), 0).round().clamp_(-127, 127).to(torch.int8)
     return q, scale.squeeze(dim)
@@ -203,7 +256,7 @@ def _to_storage(t: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray | N
     """``[R, C]`` features -> (stored array, per-row float16 scale for int8 else None)."""
     if dtype == "int8":
         q, scale = quantize_int8(t)
-        return q.numpy(), scale.numpy()
+        return zigzag_int8(q.numpy()), scale.numpy()
     t = t.detach().to("cpu", FEATURE_DTYPES[dtype]).contiguous()
     if dtype == "bfloat16":
         return t.view(torch.int16).numpy().view(np.uint16), None
@@ -211,8 +264,9 @@ def _to_storage(t: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray | N
 
 
 def _from_storage(a: np.ndarray, dtype: str, scale: np.ndarray | None = None) -> torch.Tensor:
-    if dtype == "int8":
-        return dequantize_int8(torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(np.ascontiguousarray(scale)))
+    if dtype == "int8":  # uint8 zigzag (int8 arrays: stores written before zigzag, read as they are)
+        q = unzigzag_int8(a) if a.dtype == np.uint8 else np.ascontiguousarray(a)
+        return dequantize_int8(torch.from_numpy(q), torch.from_numpy(np.ascontiguousarray(scale)))
     if dtype == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(a))
@@ -282,6 +336,55 @@ def fingerprint_diff(expected: dict, found: dict, keys: Iterable[str] = COMPATIB
     return diffs
 
 
+def is_url(path: str | os.PathLike) -> bool:
+    """True when ``path`` is an fsspec URL (``s3://bucket/x.zarr``, ``gs://...``, ``memory://...``),
+    not a local path. ``file://`` URLs count as URLs (stored through fsspec, without rename)."""
+    return isinstance(path, str) and "://" in path
+
+
+def store_location(path: str | os.PathLike) -> str | Path:
+    """``path`` as the store is addressed: the URL string unchanged, or a local :class:`Path`."""
+    return path.rstrip("/") if is_url(path) else Path(path)
+
+
+def _url_fs(url: str):
+    """``(fsspec filesystem, path inside it)`` of ``url``.
+
+    Raises:
+        CacheError: the URL's protocol is unknown to fsspec, or its filesystem package (an extra,
+            e.g. ``s3fs`` for ``s3://``: ``pip install 'mask-frozen-detr[s3]'``) is not installed.
+    """
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        raise CacheError(f"{url}: the filesystem for {url.split('://')[0]}:// is not installed ({e}); "
+                         "for s3:// install the extra: pip install 'mask-frozen-detr[s3]'") from None
+    except ValueError as e:
+        raise CacheError(f"{url}: not a store URL fsspec knows ({e})") from None
+
+
+def _open_zarr_group(path: str | Path, mode: str) -> zarr.Group:
+    """The zarr group at a local path or an fsspec URL (zarr's ``FsspecStore``, asynchronous)."""
+    if not is_url(path):
+        return zarr.open_group(str(path), mode=mode)
+    from zarr.storage import FsspecStore
+
+    _url_fs(path)  # clear errors for an unknown protocol / a filesystem extra not installed
+    # its own asynchronous filesystem instance, on zarr's event loop (a synchronous one is wrapped)
+    store = FsspecStore.from_url(path, read_only=mode == "r")
+    return zarr.open_group(store=store, mode=mode)
+
+
+def _has_metadata(path: str | Path) -> bool:
+    """Whether a zarr group's ``zarr.json`` exists at ``path`` (local path or URL)."""
+    if is_url(path):
+        fs, root = _url_fs(path)
+        return fs.exists(f"{root}/zarr.json")
+    return (Path(path) / "zarr.json").exists()
+
+
 @dataclass
 class ImageLayout:
     """What the writer must know about one image before any detector output exists.
@@ -309,7 +412,7 @@ class FeatureCache:
     """
 
     def __init__(self, path: str | os.PathLike, group: zarr.Group):
-        self.path = Path(path)
+        self.path = store_location(path)
         self.group = group
         attrs = dict(group.attrs)
         if attrs.get("format") != FORMAT:
@@ -333,6 +436,15 @@ class FeatureCache:
         self._c1_shape = group["c1_shape"][:]
         self._size = group["size"][:]
         self._orig_size = group["orig_size"][:]
+        self._arrays: dict[str, zarr.Array] = {}
+
+    def _array(self, name: str) -> zarr.Array:
+        """The array ``name`` (path in the group), opened once per :class:`FeatureCache`: its
+        metadata (``zarr.json``) is read on first use only, so a read costs chunk requests alone."""
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = self._arrays[name] = self.group[name]
+        return arr
 
     @property
     def feature_widths(self) -> dict[str, int]:
@@ -361,7 +473,7 @@ class FeatureCache:
         """Open an existing store (read-only by default), optionally checking its fingerprint.
 
         Args:
-            path: the ``.zarr`` directory.
+            path: the ``.zarr`` directory, or an fsspec URL (``s3://bucket/x.zarr``; see :func:`is_url`).
             mode: ``"r"`` or ``"r+"`` (a writer process resuming its share of the images).
             expected: a fingerprint (or part of one) the cache must match on ``keys``.
 
@@ -369,10 +481,10 @@ class FeatureCache:
             CacheError: missing/foreign store, unsupported version, or a fingerprint that
                 differs from ``expected`` (the message lists each differing field).
         """
-        path = Path(path)
-        if not (path / "zarr.json").exists():
-            raise CacheError(f"{path}: no feature cache here (missing {path / 'zarr.json'}); run `cli.py extract` first")
-        cache = cls(path, zarr.open_group(str(path), mode=mode))
+        path = store_location(path)
+        if not _has_metadata(path):
+            raise CacheError(f"{path}: no feature cache here (missing {path}/zarr.json); run `cli.py extract` first")
+        cache = cls(path, _open_zarr_group(path, mode))
         if expected is not None:
             diffs = fingerprint_diff(expected, cache.fingerprint, keys)
             if diffs:
@@ -399,13 +511,20 @@ class FeatureCache:
                 (the message says what differs and suggests ``--overwrite``); an invalid
                 dtype/codec/keep_bits (before anything is written).
         """
-        path = Path(path)
+        path = store_location(path)
         dtype = fingerprint["dtype"]
         keep_bits, codec = fingerprint.get("keep_bits"), fingerprint.get("codec", "auto")
         check_storage(dtype, keep_bits, codec)
         sdtype = _storage_dtype(dtype)
         image_ids = np.asarray([l.image_id for l in layouts], dtype=np.int64)
-        if (path / "zarr.json").exists() and not overwrite:
+        url = is_url(path)
+        if url and not overwrite and _has_metadata(path):
+            # An object store has no rename: the group is created in place, marked "creating"
+            # until its attrs are written last; a marked store is a crashed creation, made again.
+            attrs = dict(_open_zarr_group(path, "r").attrs)
+            if attrs.get("creating") == FORMAT and "format" not in attrs:
+                overwrite = True
+        if _has_metadata(path) and not overwrite:
             cache = cls.open(path)
             diffs = fingerprint_diff(fingerprint, cache.fingerprint, keys=sorted(fingerprint))
             if diffs or not np.array_equal(cache.image_ids, image_ids):
@@ -416,20 +535,28 @@ class FeatureCache:
                     f"{path}: exists and was written with other settings, so it cannot be resumed:\n  "
                     + "\n  ".join(diffs) + "\nUse another --out or pass --overwrite to replace it."
                 )
-            return cls(path, zarr.open_group(str(path), mode="r+"))
+            return cls(path, _open_zarr_group(path, "r+"))
 
-        if path.exists() and not (path / "zarr.json").exists() and any(path.iterdir()):
-            raise CacheError(f"{path}: exists and is not a feature cache; refusing to write into it")
-        if overwrite and path.exists():
-            shutil.rmtree(path)
-        # Built under a temporary name and renamed into place: a crash while creating never
-        # leaves a half-made store at ``path``.
-        partial = path.with_name(path.name + ".partial")
-        if partial.exists():
-            shutil.rmtree(partial)
+        if url:
+            fs, root = _url_fs(path)
+            if fs.exists(root) and not _has_metadata(path) and fs.ls(root):
+                raise CacheError(f"{path}: exists and is not a feature cache; refusing to write into it")
+            partial = path
+            group = _open_zarr_group(path, "w")  # mode "w" clears what was there (--overwrite, crashed creation)
+            group.attrs["creating"] = FORMAT
+        else:
+            if path.exists() and not (path / "zarr.json").exists() and any(path.iterdir()):
+                raise CacheError(f"{path}: exists and is not a feature cache; refusing to write into it")
+            if overwrite and path.exists():
+                shutil.rmtree(path)
+            # Built under a temporary name and renamed into place: a crash while creating never
+            # leaves a half-made store at ``path``.
+            partial = path.with_name(path.name + ".partial")
+            if partial.exists():
+                shutil.rmtree(partial)
+            group = zarr.open_group(str(partial), mode="w")
         n = len(layouts)
         num_levels = len(layouts[0].spatial_shapes) if layouts else 0
-        group = zarr.open_group(str(partial), mode="w")
         tok_rows = [sum(h * w for h, w in l.spatial_shapes) for l in layouts]
         c1_rows = [l.c1_shape[0] * l.c1_shape[1] for l in layouts]
         token_offset = _aligned_offsets(tok_rows, token_chunk_rows)
@@ -439,7 +566,7 @@ class FeatureCache:
         def feature_array(parent, name, shape, chunks, kind):
             filters = [BitRound(keepbits=int(keep_bits))] if keep_bits is not None else None
             parent.create_array(name, shape=shape, chunks=chunks, dtype=sdtype, filters=filters,
-                                compressors=_compressor(codec_of(dtype, kind, codec)), fill_value=0)
+                                compressors=_compressor(codec_of(dtype, kind, codec, keep_bits)), fill_value=0)
             if dtype == "int8":
                 parent.create_array(f"{name}_scale", shape=shape[:-1], chunks=chunks[:-1], dtype="float16",
                                     compressors=_compressor(codec_of(dtype, "scale", codec)), fill_value=0)
@@ -472,6 +599,9 @@ class FeatureCache:
         fault_point("cache.create", partial)
         group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION,
                             "fingerprint": fingerprint, "skipped": {}})
+        if url:
+            group.attrs.pop("creating", None)
+            return cls(path, _open_zarr_group(path, "r+"))
         fault_point("cache.rename", partial)
         os.replace(partial, path)
         return cls(path, zarr.open_group(str(path), mode="r+"))
@@ -518,7 +648,6 @@ class FeatureCache:
                 id, size, spatial_shapes, c1 or token counts, encoder layers; the message names
                 the field); nothing of image ``i`` is marked done then.
         """
-        g = self.group
         image_id = int(self.image_ids[i])
         if record.image_id is not None and int(record.image_id) != image_id:
             raise CacheError(f"{self.path}: record of image {record.image_id} written at index {i}, which holds image {image_id}")
@@ -541,30 +670,25 @@ class FeatureCache:
             if tokens.shape[0] != n_tok:
                 raise CacheError(f"image {image_id}: encoder layer {k} has {tokens.shape[0]} tokens, "
                                  f"spatial_shapes give {n_tok}")
-        g["done"][i] = PENDING
+        self._array("done")[i] = PENDING
         self._put("queries", i, record.queries)
-        g["logits"][i] = record.logits.detach().to("cpu", torch.float32).numpy()
-        g["boxes"][i] = record.boxes.detach().to("cpu", torch.float32).numpy()
-        g["query_index"][i] = record.query_index.detach().to("cpu", torch.int32).numpy()
-        g["valid_ratios"][i] = torch.as_tensor(record.valid_ratios).detach().to("cpu", torch.float32).numpy()
+        self._array("logits")[i] = record.logits.detach().to("cpu", torch.float32).numpy()
+        self._array("boxes")[i] = record.boxes.detach().to("cpu", torch.float32).numpy()
+        self._array("query_index")[i] = record.query_index.detach().to("cpu", torch.int32).numpy()
+        self._array("valid_ratios")[i] = torch.as_tensor(record.valid_ratios).detach().to("cpu", torch.float32).numpy()
         fault_point("cache.between_arrays", self.path)
         for k, tokens in record.encoder_tokens.items():
             self._put(f"encoder/layer_{k}", slice(t0, t0 + n_tok), tokens)
         self._put("c1", slice(c0, c0 + h1 * w1), c1.flatten(1).transpose(0, 1))
         fault_point("cache.before_done", self.path)
-        g["done"][i] = DONE
+        self._array("done")[i] = DONE
 
     def _put(self, name: str, where, rows: torch.Tensor) -> None:
         """Store ``[R, C]`` feature rows at ``where`` of array ``name`` (and their int8 scales)."""
         data, scale = _to_storage(rows, self.dtype)
-        self.group[name][where] = data
+        self._array(name)[where] = data
         if scale is not None:
-            self.group[f"{name}_scale"][where] = scale
-
-    def _get(self, name: str, where) -> torch.Tensor:
-        """Feature rows at ``where`` of array ``name`` in the read dtype (int8 dequantised)."""
-        scale = self.group[f"{name}_scale"][where] if self.dtype == "int8" else None
-        return _from_storage(self.group[name][where], self.dtype, scale)
+            self._array(f"{name}_scale")[where] = scale
 
     def mark_skipped(self, i: int, reason: str) -> None:
         """Flag image ``i`` as skipped (bad input) and record why in the store's attrs."""
@@ -582,7 +706,7 @@ class FeatureCache:
         come in the cache dtype (``FEATURE_DTYPES[dtype]``: int8 is dequantised to float32); ``logits [K, C]`` and ``boxes [K, 4]`` (cxcywh normalized) are
         float32, ``query_index [K]``, ``spatial_shapes [L, 2]`` and ``level_start_index [L]``
         int64, ``valid_ratios [L, 2]`` float32; ``image_id``, ``orig_size`` and ``size``
-        (``(h, w)`` pixels) are set.
+        (``(h, w)`` pixels) are set. Equals ``read_many([i], encoder_layer)[0]``.
 
         Args:
             encoder_layer: the stored encoder layer(s) to read (default: the first stored one).
@@ -590,10 +714,31 @@ class FeatureCache:
         Raises:
             CacheError: image ``i`` is not completely written, or a layer is not stored.
         """
-        g = self.group
-        if int(g["done"][i]) != DONE:
-            raise CacheError(f"{self.path}: image {int(self.image_ids[i])} is not completely extracted "
-                             f"(status {int(g['done'][i])}); re-run extract to finish it")
+        return self.read_many([i], encoder_layer)[0]
+
+    def read_many(self, indices: Iterable[int], encoder_layer: int | Iterable[int] | None = None) -> list[SampleRecord]:
+        """The records of several images (a training batch), read with few, concurrent requests.
+
+        Two rounds of concurrent requests (zarr's asynchronous API, one event-loop pass each):
+        first the ``done`` flags of all the images (an image's flag is set after all its arrays
+        are written, so data read after it is complete), then every array of every image as ONE
+        selection per array and image (one request per chunk it covers: a single chunk for the
+        per-image arrays, ``ceil(rows / chunk_rows)`` for the encoder tokens and C1, plus the
+        int8 scales). Array metadata is read once per opened cache, not per read. Blosc
+        decoding runs in zarr's thread pool while other chunks are still being fetched.
+
+        Args:
+            indices: store indices (0..N-1), any order, repeats allowed.
+            encoder_layer: as :meth:`read`.
+
+        Returns:
+            One :class:`~pipeline.record.SampleRecord` per index, in order (as :meth:`read`).
+
+        Raises:
+            CacheError: an image is not completely written (names the first such image id), or a
+                layer is not stored.
+        """
+        indices = [int(i) for i in indices]
         if encoder_layer is None:
             layers = [self.encoder_layers[0]]
         elif isinstance(encoder_layer, (int, np.integer)):
@@ -603,26 +748,66 @@ class FeatureCache:
         missing = [k for k in layers if k not in self.encoder_layers]
         if missing:
             raise CacheError(f"{self.path}: encoder layer(s) {missing} not stored (have {self.encoder_layers})")
-        shapes = torch.from_numpy(self._spatial_shapes[i].astype(np.int64))
-        sizes = shapes[:, 0] * shapes[:, 1]
-        t0, c0 = int(self._token_offset[i]), int(self._c1_offset[i])
-        t1 = t0 + int(sizes.sum())
-        h1, w1 = (int(x) for x in self._c1_shape[i])
-        c1 = self._get("c1", slice(c0, c0 + h1 * w1))
-        return SampleRecord(
-            queries=self._get("queries", i),
-            logits=torch.from_numpy(g["logits"][i]),
-            boxes=torch.from_numpy(g["boxes"][i]),
-            query_index=torch.from_numpy(g["query_index"][i].astype(np.int64)),
-            encoder_tokens={k: self._get(f"encoder/layer_{k}", slice(t0, t1)) for k in layers},
-            spatial_shapes=shapes,
-            level_start_index=torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1])),
-            valid_ratios=torch.from_numpy(g["valid_ratios"][i]),
-            c1=c1.transpose(0, 1).reshape(-1, h1, w1),
-            image_id=int(self.image_ids[i]),
-            orig_size=tuple(int(x) for x in self._orig_size[i]),
-            size=tuple(int(x) for x in self._size[i]),
-        )
+        flags = self._fetch([("done", i) for i in indices])
+        for i, flag in zip(indices, flags):
+            if int(flag) != DONE:
+                raise CacheError(f"{self.path}: image {int(self.image_ids[i])} is not completely extracted "
+                                 f"(status {int(flag)}); re-run extract to finish it")
+        int8 = self.dtype == "int8"
+        plain = ("logits", "boxes", "query_index", "valid_ratios")
+        requests, where = [], []  # (array, selection); per image: {field: position in requests}
+        for i in indices:
+            shapes = self._spatial_shapes[i]
+            t0, c0 = int(self._token_offset[i]), int(self._c1_offset[i])
+            t1 = t0 + int((shapes[:, 0].astype(np.int64) * shapes[:, 1]).sum())
+            h1, w1 = (int(x) for x in self._c1_shape[i])
+            features = {"queries": i, "c1": slice(c0, c0 + h1 * w1),
+                        **{f"encoder/layer_{k}": slice(t0, t1) for k in layers}}
+            pos = {}
+            for name in plain:
+                pos[name] = len(requests)
+                requests.append((name, i))
+            for name, sel in features.items():
+                pos[name] = len(requests)
+                requests.append((name, sel))
+                if int8:
+                    requests.append((f"{name}_scale", sel))
+            where.append(pos)
+        values = self._fetch(requests)
+
+        def feature(pos, name):
+            n = pos[name]
+            return _from_storage(values[n], self.dtype, values[n + 1] if int8 else None)
+
+        records = []
+        for i, pos in zip(indices, where):
+            shapes = torch.from_numpy(self._spatial_shapes[i].astype(np.int64))
+            sizes = shapes[:, 0] * shapes[:, 1]
+            h1, w1 = (int(x) for x in self._c1_shape[i])
+            records.append(SampleRecord(
+                queries=feature(pos, "queries"),
+                logits=torch.from_numpy(values[pos["logits"]]),
+                boxes=torch.from_numpy(values[pos["boxes"]]),
+                query_index=torch.from_numpy(values[pos["query_index"]].astype(np.int64)),
+                encoder_tokens={k: feature(pos, f"encoder/layer_{k}") for k in layers},
+                spatial_shapes=shapes,
+                level_start_index=torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1])),
+                valid_ratios=torch.from_numpy(values[pos["valid_ratios"]]),
+                c1=feature(pos, "c1").transpose(0, 1).reshape(-1, h1, w1),
+                image_id=int(self.image_ids[i]),
+                orig_size=tuple(int(x) for x in self._orig_size[i]),
+                size=tuple(int(x) for x in self._size[i]),
+            ))
+        return records
+
+    def _fetch(self, requests: list[tuple[str, object]]) -> list[np.ndarray]:
+        """``[array[selection] for array, selection in requests]``, fetched concurrently (one event-loop pass)."""
+        arrays = [self._array(name).async_array for name, _ in requests]
+
+        async def gather():
+            return await asyncio.gather(*(a.getitem(sel) for a, (_, sel) in zip(arrays, requests)))
+
+        return [np.asarray(v) for v in _zarr_sync(gather())]
 
     def info(self) -> dict:
         """What the store holds and what it costs (``cli.py cache-info``).
@@ -680,5 +865,8 @@ class FeatureCache:
         }
 
     def disk_bytes(self) -> int:
-        """Bytes the store occupies on disk (all files under ``path``)."""
+        """Bytes the store occupies on disk (all files under ``path``; all objects under a URL)."""
+        if is_url(self.path):
+            fs, root = _url_fs(self.path)
+            return int(fs.du(root, total=True))
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from kernels import ops as kernel_ops
 
 from . import data
-from .cache import DONE, PENDING, SKIPPED, FeatureCache, ImageLayout, check_storage
+from .cache import DONE, PENDING, SKIPPED, FeatureCache, ImageLayout, check_storage, is_url
 from .frozen_detector import DetectorOptions, build_frozen_detector
 from .faults import fault_point
 from .utils import WriterLock, file_sha256
@@ -408,6 +408,11 @@ def run_extract(opts: ExtractOptions) -> dict:
         LockError: another live ``extract`` writes ``out`` (the lock file ``<out>.lock`` names it).
         OSError: the store cannot be written (disk full, permissions); finished images stay done.
     """
+    if is_url(opts.out):
+        # An object store has no lock file: two extract commands on one URL are not detected.
+        # Resuming needs none: images are redone unless their done flag (written last) is set.
+        log.warning("%s: a store URL is not locked; run one extract command per store (with any --workers)", opts.out)
+        return _run_extract_locked(opts)
     with WriterLock(lock_path(opts.out), command="extract"):
         return _run_extract_locked(opts)
 

@@ -109,6 +109,18 @@ class SampleRecord:
             spatial_shapes=shapes, level_start_index=torch.cat((kept.new_zeros(1), kept.cumsum(0)[:-1])),
             valid_ratios=self.valid_ratios[levels])
 
+    def pin_memory(self) -> "SampleRecord":
+        """The record with every CPU tensor (``gt``'s included) in page-locked memory, for
+        ``non_blocking`` copies to CUDA; the DataLoader's ``pin_memory=True`` calls this on each item."""
+        def pin(v):
+            if isinstance(v, Tensor):
+                return v.pin_memory()
+            if isinstance(v, dict):
+                return {k: pin(x) for k, x in v.items()}
+            return v
+
+        return dataclasses.replace(self, **{f.name: pin(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
     def non_finite_fields(self) -> list[str]:
         """Names among :data:`FEATURE_FIELDS` that hold NaN or Inf (empty when all are finite)."""
         bad = []

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from kernels import ops as kernel_ops
 
 from . import data
-from .batches import CachedImages, EpochSampler, annotation_file, category_maps, collate_list, image_features
+from .batches import CachedImages, EpochSampler, annotation_file, category_maps, image_features, loader_options
 from .cache import CacheError, FeatureCache
 from .checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, save_config
@@ -203,10 +203,8 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
     while step < total:
         epoch, offset = divmod(step, iters_per_epoch)
         sampler = EpochSampler(len(indices), tc.seed, epoch, start=offset * tc.batch_size)
-        loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate_list,
-                            num_workers=tc.num_workers,
-                            multiprocessing_context="spawn" if tc.num_workers > 0 else None,
-                            persistent_workers=False)
+        loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler,
+                            **loader_options(dev, tc.num_workers), persistent_workers=False)
         for items in loader:
             items = limit_queries(items, tc.num_queries)
             targets = training_targets(items, matcher, maps, tc.boxes, head_cfg)

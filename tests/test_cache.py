@@ -4,7 +4,8 @@ import pytest
 import torch
 import zarr
 
-from pipeline.cache import DONE, PENDING, SKIPPED, CacheError, FeatureCache, ImageLayout, fingerprint_diff
+from pipeline.cache import (DONE, INT8_STEP_PER_RMS, PENDING, SKIPPED, CacheError, FeatureCache, ImageLayout,
+                            fingerprint_diff)
 from pipeline.record import SampleRecord
 
 SHAPES = [[(20, 30), (10, 15), (5, 8)], [(16, 16), (8, 8), (4, 4)], [(7, 9), (4, 5), (2, 3)]]
@@ -170,19 +171,116 @@ def test_lossy_storage_stays_within_its_documented_error(tmp_path, dtype, keep_b
         cache.write(i, rec)
     reader = FeatureCache.open(tmp_path / "c.zarr")
     if dtype == "int8":
-        assert reader.group["encoder/layer_4"].dtype == "int8" and reader.group["c1_scale"].dtype == "float16"
+        # int8 values zigzag-coded as uint8 (sign in the low bit), scales float16
+        assert reader.group["encoder/layer_4"].dtype == "uint8" and reader.group["c1_scale"].dtype == "float16"
     for i, rec in enumerate(recs):
         got = reader.read(i, [4, 6])
         assert got.queries.dtype == got.c1.dtype == {"int8": torch.float32, "bfloat16": torch.bfloat16,
                                                      "float16": torch.float16}[dtype]
         pairs = [(got.queries, rec.queries), (got.c1, rec.c1)] + [(got.encoder_tokens[k], rec.encoder_tokens[k]) for k in (4, 6)]
         for a, b in pairs:
-            assert a.shape == b.shape and _rel_rms(a, b) <= bound
+            # int8: the rounding error is uniform within +-step/2, 0.95 % of the RMS on average; over n
+            # values its sample RMS varies by ~0.45/sqrt(n) relative (toy queries: n = 40 -> up to ~1.15 %)
+            small = dtype == "int8" and b.numel() < 1000
+            assert a.shape == b.shape and _rel_rms(a, b) <= (0.0125 if small else bound)
             assert 0 < _rel_rms(a, b)  # lossy: the option really changed the values
         if dtype == "int8":  # per-row error <= half a step of that row's scale (+ float16 scale rounding)
             x = rec.encoder_tokens[4]
-            step = x.abs().amax(1, keepdim=True) / 127
+            step = torch.maximum(x.abs().amax(1, keepdim=True) / 127, INT8_STEP_PER_RMS * x.pow(2).mean(1, keepdim=True).sqrt())
             assert bool(((got.encoder_tokens[4] - x).abs() <= step * 0.5 + x.abs() * 2e-3 + 1e-6).all())
         assert torch.equal(got.logits, rec.logits) and torch.equal(got.boxes, rec.boxes)  # never quantised
     q, s = quantize_int8(torch.zeros(2, 4))
     assert q.abs().sum() == 0 and s.abs().sum() == 0  # an all-zero row stays zero (no division by 0)
+
+
+def test_int8_step_follows_the_error_budget_and_never_clips_outliers():
+    """quantize_int8: a Gaussian row gets the RMS-budget step (relative RMS error ~0.95 %, under
+    1 %, with fewer levels than max-abs scaling); a row with an outlier channel falls back to
+    max-abs scaling, so the outlier is kept within half a step instead of being clipped."""
+    from pipeline.cache import dequantize_int8, quantize_int8
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 256, generator=g)
+    q, s = quantize_int8(x)
+    err = _rel_rms(dequantize_int8(q, s), x)
+    assert 0.009 <= err <= 0.01
+    # Gaussian rows use fewer levels than max-abs scaling would (a few rows reach 4.2 RMS and fall back)
+    assert float((q.abs().amax(1) < 127).float().mean()) > 0.95
+    x[:, 7] = 40.0  # an outlier channel, ~40 RMS
+    q, s = quantize_int8(x)
+    y = dequantize_int8(q, s)
+    assert bool((q[:, 7] == 127).all()) and bool(((y[:, 7] - 40.0).abs() <= s.float() / 2 + 0.04).all())
+    plain_q, plain_s = quantize_int8(x, step_per_rms=0)
+    assert torch.equal(plain_s, s)  # outlier rows: exactly max-abs scaling
+
+
+def test_zigzag_code_round_trips_every_int8():
+    import numpy as np
+
+    from pipeline.cache import unzigzag_int8, zigzag_int8
+
+    q = np.arange(-128, 128, dtype=np.int8)
+    z = zigzag_int8(q)
+    assert z.dtype == np.uint8 and np.array_equal(unzigzag_int8(z), q)
+    assert zigzag_int8(np.array([0, -1, 1, -2, 2, -127, 127], dtype=np.int8)).tolist() == [0, 1, 2, 3, 4, 253, 254]
+
+
+def _written(path, dtype):
+    cache = _create(path, dtype)
+    for i in range(3):
+        cache.write(i, _record(i))
+    return FeatureCache.open(path)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_a_batch_reads_each_array_once_per_image_and_no_metadata(tmp_path, monkeypatch, dtype):
+    """read_many: after the first read, a batch costs exactly one request per chunk its images'
+    selections cover (one selection per array and image, int8 scales included), no zarr.json."""
+    from zarr.storage import LocalStore
+
+    reader = _written(tmp_path / "c.zarr", dtype)
+    reader.read(0, 4)  # opens the arrays (metadata) once
+    keys = []
+    get = LocalStore.get
+
+    async def counting_get(self, key, *args, **kwargs):
+        keys.append(key)
+        return await get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "get", counting_get)
+    got = reader.read_many([1, 2, 1], 4)
+    monkeypatch.undo()
+    assert not [k for k in keys if k.endswith("zarr.json")]
+    per_array = 2 if dtype == "int8" else 1  # features + their scales
+    expected = 0
+    for i in (1, 2, 1):
+        tok_chunks = -(-sum(h * w for h, w in SHAPES[i]) // 64)
+        c1_chunks = -(-SHAPES[i][0][0] * SHAPES[i][0][1] // 64)
+        expected += 5 + per_array * (1 + tok_chunks + c1_chunks)  # done, logits, boxes, query_index, valid_ratios
+    assert len(keys) == expected
+    fresh = FeatureCache.open(tmp_path / "c.zarr")
+    for i, rec in zip((1, 2, 1), got):  # the batch read equals image-by-image reads
+        one = fresh.read(i, 4)
+        assert torch.equal(rec.tokens, one.tokens) and torch.equal(rec.c1, one.c1) and torch.equal(rec.queries, one.queries)
+        assert rec.image_id == 100 + i
+
+
+def test_dataloader_workers_return_the_in_process_batches(tmp_path):
+    """CachedImages through a spawned worker (which opens the store itself) and loader_options
+    yields exactly the records FeatureCache.read_many gives in this process."""
+    from torch.utils.data import DataLoader
+
+    from pipeline.batches import CachedImages, loader_options
+
+    from .conftest import records_equal
+
+    reader = _written(tmp_path / "c.zarr", "int8")
+    ds = CachedImages(tmp_path / "c.zarr", [2, 0, 1], 6)
+    opts = loader_options("cpu", 1, prefetch_factor=2)
+    assert opts["pin_memory"] is False and loader_options("cuda", 2)["pin_memory"] is True
+    batches = list(DataLoader(ds, batch_size=2, shuffle=False, **opts))
+    assert [len(b) for b in batches] == [2, 1]
+    want = reader.read_many([2, 0, 1], 6)
+    assert all(records_equal(a, b) for a, b in zip([r for b in batches for r in b], want))
+    with pytest.raises(ValueError, match="num_workers"):
+        loader_options("cpu", -1)
