@@ -75,15 +75,69 @@ def _set_rng_state(state: dict, sample_gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: str | Path | None = None,
+class CachedSource:
+    """Stage two's default feature source: a feature cache (``cli.py extract``), read per image.
+
+    The interface :func:`train` asks of a source (the online one, :class:`pipeline.online.OnlineSource`,
+    offers the same): ``fingerprint``, ``encoder_layers``, ``feature_widths``, ``image_ids``,
+    ``ann_file``, ``label``, ``candidate_indices()``, ``dataset(indices, encoder_layer)`` (a torch
+    dataset, items picklable into DataLoader workers), ``records(items, encoder_layer)`` (loader
+    items -> :class:`~pipeline.record.SampleRecord` s with ``gt``, in the main process),
+    ``parameter_groups(lr)`` (extra trainable parameters, e.g. a fine-tuned detector) and
+    ``state_dict()`` / ``load_state_dict()`` (their checkpointed state).
+
+    Raises:
+        CacheError: the store cannot be opened, or its annotation file moved or changed (``ann_file``).
+    """
+
+    kind = "cache"
+
+    def __init__(self, cache_path: str | Path, ann_file: str | Path | None = None):
+        self.path, self.label = cache_path, str(cache_path)
+        self.cache = FeatureCache.open(cache_path)
+        self.fingerprint = self.cache.fingerprint
+        self.encoder_layers = self.cache.encoder_layers
+        self.feature_widths = self.cache.feature_widths
+        self.image_ids = [int(i) for i in self.cache.image_ids]
+        self.ann_file = annotation_file(self.fingerprint, ann_file)
+
+    def candidate_indices(self) -> list[int]:
+        """Store indices of completely extracted images."""
+        return self.cache.done_indices()
+
+    def dataset(self, indices: list[int], encoder_layer: int) -> CachedImages:
+        """The cached records (layer ``encoder_layer``) of ``indices`` with their ground truth."""
+        return CachedImages(self.path, indices, encoder_layer, self.ann_file, with_gt=True)
+
+    def records(self, items: list[SampleRecord], encoder_layer: int) -> list[SampleRecord]:
+        """Cached items already are records."""
+        return items
+
+    def parameter_groups(self, lr: float) -> list[dict]:
+        """No trainable parameters besides the head's."""
+        return []
+
+    def state_dict(self) -> None:
+        """Nothing to checkpoint."""
+        return None
+
+    def load_state_dict(self, state) -> None:
+        """Nothing to restore."""
+
+
+def train(cfg: Config, cache_path: str | Path | None, out: str | Path, *, val_cache: str | Path | None = None,
           resume: bool = False, device: str = "auto", ann_file: str | Path | None = None,
           val_ann_file: str | Path | None = None, progress: bool = True, impl: str = "auto",
-          tensorboard: bool = False) -> dict:
+          tensorboard: bool = False, source=None) -> dict:
     """Train the head on a cache; write ``<out>/head.pt``, ``metrics.jsonl``, ``config.yaml``.
 
     Args:
         cfg: resolved experiment config.
-        cache_path: training cache (``cli.py extract`` output).
+        cache_path: training cache (``cli.py extract`` output); None with ``source``.
+        source: another feature source instead of ``cache_path`` (the interface of
+            :class:`CachedSource`): ``cli.py train-head --online`` passes a
+            :class:`pipeline.online.OnlineSource` (detector in the loop). Everything else (matching,
+            targets, head, loss, optimizer, checkpoints, evaluation) is the same code.
         out: run directory (created).
         val_cache: optional validation cache, evaluated at the end (and per epoch if asked);
             must come from the same detector, checkpoint, preprocessing and encoder layers.
@@ -102,17 +156,22 @@ def train(cfg: Config, cache_path: str | Path, out: str | Path, *, val_cache: st
         "steps_run": iterations this call trained, "head": path, "eval": metrics or None}``.
 
     Raises:
-        CacheError: unusable/stale cache; ConfigError: bad config; ValueError: bad resume.
+        CacheError: unusable/stale cache; ConfigError: bad config; ValueError: bad resume, or
+            neither/both of ``cache_path`` and ``source``.
     """
+    if (cache_path is None) == (source is None):
+        raise ValueError("train: give either a cache (--cache) or an online source (--online), not both or neither")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with WriterLock(out / "train.lock", command="train-head"):
-        return _train_locked(cfg, cache_path, out, val_cache=val_cache, resume=resume, device=device,
+        if source is None:
+            source = CachedSource(cache_path, ann_file)
+        return _train_locked(cfg, source, out, val_cache=val_cache, resume=resume, device=device,
                              ann_file=ann_file, val_ann_file=val_ann_file, progress=progress, impl=impl,
                              tensorboard=tensorboard)
 
 
-def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, device, ann_file, val_ann_file,
+def _train_locked(cfg: Config, source, out: Path, *, val_cache, resume, device, ann_file, val_ann_file,
                   progress, impl, tensorboard=False) -> dict:
     """:func:`train` once the run directory's lock is held."""
     tc = cfg.train
@@ -125,13 +184,15 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
     if tc.deterministic and dev.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-    cache = FeatureCache.open(cache_path)
-    head_cfg = check_cache_supports(cfg, cache, cache_path)  # refuses what the cache lacks, before training
+    head_cfg = check_cache_supports(cfg, source, source.label)  # refuses what the source lacks, before training
     if val_cache is not None:
-        FeatureCache.open(val_cache, expected=cache.fingerprint)  # refuse a stale/foreign val cache early
-    ann = annotation_file(cache.fingerprint, ann_file)
+        if source.parameter_groups(tc.lr):
+            raise ValueError("--val-cache holds the frozen detector's features, not the fine-tuned one's: train with "
+                             "--finetune partial/full without --val-cache")
+        FeatureCache.open(val_cache, expected=source.fingerprint)  # refuse a stale/foreign val cache early
+    ann = source.ann_file
     coco = data.load_coco(ann)
-    maps = category_maps(cache.fingerprint, coco)
+    maps = category_maps(source.fingerprint, coco)
     cfg = dataclasses.replace(cfg, head=head_cfg)  # the resolved config is what runs and is saved
     if getattr(head_cfg, "mask_scoring", False) and head_cfg.num_score_classes < maps["num_categories"]:
         raise ValueError(f"head.num_score_classes={head_cfg.num_score_classes} < {maps['num_categories']} "
@@ -140,16 +201,16 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
     head.to(dev)
     matcher = criterion.matcher
 
-    done = cache.done_indices()
-    indices = [i for i in done if len(coco.getAnnIds(imgIds=int(cache.image_ids[i]), iscrowd=False)) > 0]
+    image_ids = source.image_ids
+    indices = [i for i in source.candidate_indices() if len(coco.getAnnIds(imgIds=image_ids[i], iscrowd=False)) > 0]
     if not indices:
-        raise CacheError(f"{cache_path}: no completely extracted image with non-crowd annotations to train on")
+        raise CacheError(f"{source.label}: no completely extracted image with non-crowd annotations to train on")
     if tc.mask_fraction < 1.0:  # label efficiency (pipeline/subsets.py): the masks of a seeded subset
         all_count = len(indices)
         indices = mask_subset(indices, tc.mask_fraction, tc.seed)
         write_bytes_atomic(out / "mask_subset.json", json.dumps(
             {"mask_fraction": tc.mask_fraction, "seed": tc.seed, "images": len(indices), "of": all_count,
-             "image_ids": [int(cache.image_ids[i]) for i in indices]}).encode())
+             "image_ids": [image_ids[i] for i in indices]}).encode())
         log.info("--mask-fraction %g: training on the masks of %d of %d images (ids in %s)", tc.mask_fraction,
                  len(indices), all_count, out / "mask_subset.json")
     iters_per_epoch = math.ceil(len(indices) / tc.batch_size)
@@ -158,7 +219,10 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
     if not params:
         raise ConfigError("the config's head has no trainable parameters (a training-free baseline): evaluate it "
                           "with `cli.py evaluate --head baseline --config FILE --cache CACHE`")
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    detector_groups = source.parameter_groups(tc.lr)  # online fine-tuning: the detector at 1/10 of the head's lr
+    optimizer = torch.optim.AdamW([{"params": params, "name": "head"}, *detector_groups], lr=tc.lr,
+                                  betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    params = params + [p for g in detector_groups for p in g["params"]]  # all of them are clipped together
     milestones = sorted({max(1, int(round(f * total))) for f in tc.lr_drops})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=tc.lr_drop_factor)
     sample_gen = torch.Generator(device=dev).manual_seed(tc.seed + 1)  # point sampling runs on dev
@@ -172,6 +236,7 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
             raise ValueError(f"--resume: {ckpt_path} was written with another config; use the same config "
                              "and overrides, or a new --out")
         head.load_state_dict(ckpt["head"])
+        source.load_state_dict(ckpt.get("detector"))
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"], sample_gen)
@@ -181,7 +246,7 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
     log.info("git %s; %d training images, %d iterations (%d per epoch), device %s", git_sha(), len(indices),
              total, iters_per_epoch, dev)
 
-    dataset = CachedImages(cache_path, indices, tc.encoder_layer, ann, with_gt=True)
+    dataset = source.dataset(indices, tc.encoder_layer)
     metrics_file = _open_metrics_log(out / "metrics.jsonl", step)
     if tensorboard:  # scalars beside the JSON lines (optional extra)
         from .tensorboard_log import TensorBoardMirror
@@ -191,11 +256,12 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
     start_step = step
     autocast = tc.amp and dev.type == "cuda"
     meta = {"kind": "mask-frozen-detr-head", "version": CHECKPOINT_VERSION, "config": cfg.to_dict(),
-            "fingerprint": cache.fingerprint, "git": git_sha(), "total_iters": total}
+            "fingerprint": source.fingerprint, "git": git_sha(), "total_iters": total}
 
     def checkpoint_payload():
+        extra = {} if source.state_dict() is None else {"detector": source.state_dict()}
         return dict(meta, head=head.state_dict(), optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(), step=step, rng=_rng_state(sample_gen))
+                    scheduler=scheduler.state_dict(), step=step, rng=_rng_state(sample_gen), **extra)
 
     bar = tqdm(total=total, initial=step, desc="train-head", unit="it", disable=not progress, dynamic_ncols=True)
     t0 = time.time()
@@ -208,7 +274,7 @@ def _train_locked(cfg: Config, cache_path, out: Path, *, val_cache, resume, devi
                             multiprocessing_context="spawn" if tc.num_workers > 0 else None,
                             persistent_workers=False)
         for items in loader:
-            items = limit_queries(items, tc.num_queries)
+            items = limit_queries(source.records(items, tc.encoder_layer), tc.num_queries)
             targets = training_targets(items, matcher, maps, tc.boxes, head_cfg)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
                 feats = image_features(head, items, dev)
