@@ -306,6 +306,9 @@ def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batc
                min_size, max_size, encoder_layers, top_k, levels, precision):
     """Train the mask head from the cache only (the detector is never built), or --online.
 
+    Several processes: torchrun --nproc_per_node N cli.py train-head ... (gloo on CPU, nccl on
+    CUDA; --batch-size is the global batch, split over the ranks; rank 0 logs and checkpoints).
+
     Writes <out>/config.yaml (resolved), <out>/metrics.jsonl, <out>/checkpoint.pt (latest) and
     <out>/head.pt (final). With --val-cache, also <out>/eval/metrics.json.
     """
@@ -329,6 +332,7 @@ def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batc
     if online == (cache is not None):
         raise click.UsageError("give --cache (train from the feature cache) or --online (detector in the loop)")
     if online:
+        from pipeline.distributed import local_device
         from pipeline.extract import ExtractOptions
         from pipeline.online import OnlineSource
         from pipeline.train import resolve_device
@@ -337,7 +341,8 @@ def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batc
                               seed=detector_seed, coco_root=coco_root, split=split, ann_file=ann_file,
                               image_dir=image_dir, image_ids=image_ids, max_images=max_images, min_size=min_size,
                               max_size=max_size, encoder_layers=encoder_layers, top_k=top_k, dtype="float32",
-                              levels=levels, device=str(resolve_device(device)), precision=precision, impl=impl)
+                              levels=levels, device=str(local_device(resolve_device(device))), precision=precision,
+                              impl=impl)
         source = OnlineSource(opts, finetune=finetune)
         ann_file = None
     elif finetune != "none":

@@ -8,6 +8,7 @@ RNG states plus the resolved config, so ``--resume`` continues a killed run to t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -28,6 +29,7 @@ from .batches import CachedImages, EpochSampler, annotation_file, category_maps,
 from .cache import CacheError, FeatureCache
 from .checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, save_config
+from .distributed import DistContext, RankBatches, all_reduce_sum, barrier, init_from_env, sum_gradients
 from .faults import fault_point
 from .head import build_head
 from .cache_requirements import check_cache_supports
@@ -138,6 +140,11 @@ def train(cfg: Config, cache_path: str | Path | None, out: str | Path, *, val_ca
             :class:`CachedSource`): ``cli.py train-head --online`` passes a
             :class:`pipeline.online.OnlineSource` (detector in the loop). Everything else (matching,
             targets, head, loss, optimizer, checkpoints, evaluation) is the same code.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) each process is one rank of a data-parallel run
+    (:mod:`pipeline.distributed`): ``train.batch_size`` is the global batch, each rank reads its
+    share, gradients are summed over ranks, rank 0 alone holds the lock, logs, checkpoints and
+    evaluates; a checkpoint resumes with any number of ranks.
         out: run directory (created).
         val_cache: optional validation cache, evaluated at the end (and per epoch if asked);
             must come from the same detector, checkpoint, preprocessing and encoder layers.
@@ -163,21 +170,26 @@ def train(cfg: Config, cache_path: str | Path | None, out: str | Path, *, val_ca
         raise ValueError("train: give either a cache (--cache) or an online source (--online), not both or neither")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with WriterLock(out / "train.lock", command="train-head"):
-        if source is None:
-            source = CachedSource(cache_path, ann_file)
-        return _train_locked(cfg, source, out, val_cache=val_cache, resume=resume, device=device,
-                             ann_file=ann_file, val_ann_file=val_ann_file, progress=progress, impl=impl,
-                             tensorboard=tensorboard)
+    ctx = init_from_env(resolve_device(device))  # torchrun: this rank of the process group (pipeline/distributed.py)
+    try:
+        with WriterLock(out / "train.lock", command="train-head") if ctx.is_main else contextlib.nullcontext():
+            if source is None:
+                source = CachedSource(cache_path, ann_file)
+            return _train_locked(cfg, source, out, val_cache=val_cache, resume=resume, ctx=ctx,
+                                 ann_file=ann_file, val_ann_file=val_ann_file, progress=progress and ctx.is_main,
+                                 impl=impl, tensorboard=tensorboard)
+    finally:
+        ctx.close()
 
 
-def _train_locked(cfg: Config, source, out: Path, *, val_cache, resume, device, ann_file, val_ann_file,
+def _train_locked(cfg: Config, source, out: Path, *, val_cache, resume, ctx: DistContext, ann_file, val_ann_file,
                   progress, impl, tensorboard=False) -> dict:
-    """:func:`train` once the run directory's lock is held."""
+    """:func:`train` once the run directory's lock is held (by rank 0)."""
     tc = cfg.train
     if tc.boxes not in ("pred", "gt"):
         raise ValueError(f"train.boxes must be 'pred' or 'gt', got {tc.boxes!r}")
-    dev = resolve_device(device)
+    dev = ctx.device
+    main = ctx.is_main
     impl_info = kernel_ops.configure(impl)
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
@@ -208,9 +220,10 @@ def _train_locked(cfg: Config, source, out: Path, *, val_cache, resume, device, 
     if tc.mask_fraction < 1.0:  # label efficiency (pipeline/subsets.py): the masks of a seeded subset
         all_count = len(indices)
         indices = mask_subset(indices, tc.mask_fraction, tc.seed)
-        write_bytes_atomic(out / "mask_subset.json", json.dumps(
-            {"mask_fraction": tc.mask_fraction, "seed": tc.seed, "images": len(indices), "of": all_count,
-             "image_ids": [image_ids[i] for i in indices]}).encode())
+        if main:
+            write_bytes_atomic(out / "mask_subset.json", json.dumps(
+                {"mask_fraction": tc.mask_fraction, "seed": tc.seed, "images": len(indices), "of": all_count,
+                 "image_ids": [image_ids[i] for i in indices]}).encode())
         log.info("--mask-fraction %g: training on the masks of %d of %d images (ids in %s)", tc.mask_fraction,
                  len(indices), all_count, out / "mask_subset.json")
     iters_per_epoch = math.ceil(len(indices) / tc.batch_size)
@@ -225,7 +238,7 @@ def _train_locked(cfg: Config, source, out: Path, *, val_cache, resume, device, 
     params = params + [p for g in detector_groups for p in g["params"]]  # all of them are clipped together
     milestones = sorted({max(1, int(round(f * total))) for f in tc.lr_drops})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=tc.lr_drop_factor)
-    sample_gen = torch.Generator(device=dev).manual_seed(tc.seed + 1)  # point sampling runs on dev
+    sample_gen = torch.Generator(device=dev).manual_seed(_rank_seed(tc.seed, ctx.rank, 0))  # point sampling, on dev
     step = 0
     ckpt_path = out / "checkpoint.pt"
     if resume:
@@ -239,16 +252,20 @@ def _train_locked(cfg: Config, source, out: Path, *, val_cache, resume, device, 
         source.load_state_dict(ckpt.get("detector"))
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"], sample_gen)
+        _set_rng_state(ckpt["rng"], sample_gen)  # rank 0's; other ranks re-seed their point sampling below
         step = int(ckpt["step"])
+        if not main:
+            sample_gen.manual_seed(_rank_seed(tc.seed, ctx.rank, step))
         log.info("resumed %s at step %d/%d", ckpt_path, step, total)
-    save_config(cfg, out / "config.yaml")
-    log.info("git %s; %d training images, %d iterations (%d per epoch), device %s", git_sha(), len(indices),
-             total, iters_per_epoch, dev)
+    if main:
+        save_config(cfg, out / "config.yaml")
+    log.info("git %s; %d training images, %d iterations (%d per epoch) of global batch %d, device %s%s", git_sha(),
+             len(indices), total, iters_per_epoch, tc.batch_size, dev,
+             f", rank {ctx.rank} of {ctx.world_size}" if ctx.world_size > 1 else "")
 
     dataset = source.dataset(indices, tc.encoder_layer)
-    metrics_file = _open_metrics_log(out / "metrics.jsonl", step)
-    if tensorboard:  # scalars beside the JSON lines (optional extra)
+    metrics_file = _open_metrics_log(out / "metrics.jsonl", step) if main else None
+    if tensorboard and main:  # scalars beside the JSON lines (optional extra)
         from .tensorboard_log import TensorBoardMirror
 
         metrics_file = TensorBoardMirror(metrics_file, out / "tensorboard", purge_step=step if resume else None)
@@ -268,61 +285,96 @@ def _train_locked(cfg: Config, source, out: Path, *, val_cache, resume, device, 
     head.train()
     while step < total:
         epoch, offset = divmod(step, iters_per_epoch)
-        sampler = EpochSampler(len(indices), tc.seed, epoch, start=offset * tc.batch_size)
-        loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, collate_fn=collate_list,
-                            num_workers=tc.num_workers,
+        order = EpochSampler(len(indices), tc.seed, epoch, start=offset * tc.batch_size)
+        batches = RankBatches(order, tc.batch_size, ctx.rank, ctx.world_size)  # this rank's share of each global batch
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_list, num_workers=tc.num_workers,
                             multiprocessing_context="spawn" if tc.num_workers > 0 else None,
                             persistent_workers=False)
         for items in loader:
             items = limit_queries(source.records(items, tc.encoder_layer), tc.num_queries)
             targets = training_targets(items, matcher, maps, tc.boxes, head_cfg)
+            normaliser = {}
+            if ctx.world_size > 1:  # every rank divides by the global batch's instance count
+                local = 0.0 if targets is None else float(targets["masks"].shape[0])
+                normaliser = {"num_instances": max(1.0, float(all_reduce_sum(torch.tensor(local, device=dev), ctx)))}
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
                 feats = image_features(head, items, dev)
                 if targets is None:
-                    loss = sum(f.sum() for f in feats) * 0.0
+                    loss = sum((f.sum() for f in feats), torch.zeros((), device=dev)) * 0.0
                     losses = {"loss": loss}
                 else:
                     outputs = head(feats, targets["queries"].to(dev), targets["boxes"].to(dev),
                                    image_sizes_of(items).to(dev), targets["batch_index"].to(dev))
                     losses = criterion(outputs, {"masks": targets["masks"].to(dev),
-                                                 "labels": targets["labels"].to(dev)}, generator=sample_gen)
+                                                 "labels": targets["labels"].to(dev), **normaliser},
+                                       generator=sample_gen)
                     loss = losses["loss"]
-            if not bool(torch.isfinite(loss.detach())):
-                raise NonFiniteLossError(_non_finite_message(loss, items, step + 1, ckpt_path))
+            logged = _global_losses(losses, ctx)  # the global batch's losses (this rank's own when alone)
+            if not math.isfinite(logged["loss"]):
+                raise NonFiniteLossError(_non_finite_message(torch.tensor(logged["loss"]), items, step + 1,
+                                                             ckpt_path))
             fault_point("train.mid_step", out)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss.requires_grad:  # a rank with no image in this global batch has nothing to differentiate
+                loss.backward()
+            sum_gradients(params, ctx)  # ranks hold identical gradients from here on
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, tc.clip_grad_norm)
                          if tc.clip_grad_norm > 0 else torch.tensor(0.0))
             optimizer.step()
             scheduler.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.detach().item():.4f}")
-            if step % tc.log_every == 0 or step == total:
+            bar.set_postfix(loss=f"{logged['loss']:.4f}")
+            if main and (step % tc.log_every == 0 or step == total):
                 rec = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                       "grad_norm": float(grad_norm), "time": round(time.time() - t0, 2), "impl": kernel,
-                       **{k: v.detach().item() for k, v in losses.items()}}
+                       "grad_norm": float(grad_norm), "time": round(time.time() - t0, 2), "impl": kernel, **logged}
+                if ctx.world_size > 1:
+                    rec["world_size"] = ctx.world_size
                 metrics_file.write(json.dumps(rec) + "\n")
                 metrics_file.flush()
-            if step % tc.checkpoint_every == 0 or step == total:
+            if main and (step % tc.checkpoint_every == 0 or step == total):
                 save_checkpoint(ckpt_path, **checkpoint_payload())
             if step >= total:
                 break
         if tc.eval_every_epoch and val_cache is not None and step < total:
-            _evaluate_into(head, cfg, val_cache, out / f"eval_epoch{epoch + 1}", dev, tc.boxes, val_ann_file,
-                           metrics_file, step, progress)
-            head.train()
+            if main:
+                _evaluate_into(head, cfg, val_cache, out / f"eval_epoch{epoch + 1}", dev, tc.boxes, val_ann_file,
+                               metrics_file, step, progress)
+                head.train()
+            barrier(ctx)
     bar.close()
-    payload = checkpoint_payload()
-    save_checkpoint(out / "head.pt", **payload)
     result = {"step": step, "resumed_at": start_step if resume else None, "steps_run": step - start_step,
               "head": str(out / "head.pt"), "eval": None}
-    if val_cache is not None:
-        result["eval"] = _evaluate_into(head, cfg, val_cache, out / "eval", dev, tc.boxes, val_ann_file,
-                                        metrics_file, step, progress)
-    metrics_file.close()
+    if main:
+        save_checkpoint(out / "head.pt", **checkpoint_payload())
+        if val_cache is not None:
+            result["eval"] = _evaluate_into(head, cfg, val_cache, out / "eval", dev, tc.boxes, val_ann_file,
+                                            metrics_file, step, progress)
+        metrics_file.close()
+    barrier(ctx)
     return result
+
+
+_LOSS_KEYS = ("loss_bce", "loss_dice", "loss_iou", "loss")
+
+
+def _global_losses(losses: dict, ctx: DistContext) -> dict[str, float]:
+    """The step's loss values as floats; under torchrun summed over ranks (each rank's terms are
+    already divided by the global instance count), a component kept when any rank computed it."""
+    if ctx.world_size <= 1:
+        return {k: v.detach().item() for k, v in losses.items()}
+    dev = ctx.device
+    values = torch.tensor([float(losses[k].detach()) if k in losses else 0.0 for k in _LOSS_KEYS]
+                          + [1.0 if k in losses else 0.0 for k in _LOSS_KEYS], device=dev, dtype=torch.float64)
+    values = all_reduce_sum(values, ctx).tolist()
+    n = len(_LOSS_KEYS)
+    return {k: values[j] for j, k in enumerate(_LOSS_KEYS) if values[n + j] > 0}
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of a rank's point-sampling generator: ``seed + 1`` on rank 0 (the single-process run's);
+    other ranks draw their own points, re-seeded from the step when a run resumes."""
+    return seed + 1 if rank == 0 else seed + 1 + 7919 * rank + 104729 * step
 
 
 class NonFiniteLossError(ValueError):
