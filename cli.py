@@ -166,6 +166,10 @@ def main(verbose):
 @click.option("--skip-bad-images", is_flag=True,
               help="Record unreadable images in the store's skipped list and go on (default: stop with an error).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out instead of resuming it.")
+@click.option("--views", callback=lambda ctx, p, v: v.split(",") if v else None, default=None,
+              help="Augmented views stored per image, comma-separated (default: orig): orig, hflip, short<S>, "
+              "scale<F>, '+'-joined (hflip+short640), or lsj (a set of scale/crop/flip views). train-head draws one "
+              "view per image per epoch. Each view costs about one image's disk (README: Augmented views).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output .zarr store.")
 @impl_option
 @friendly_errors
@@ -298,12 +302,14 @@ def check_weights(detector, preset, weights):
 @click.option("--levels", callback=_int_list, default=None, help="--online: as extract --levels.")
 @click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
               help="--online: detector compute precision.")
+@click.option("--views", callback=lambda ctx, p, v: v.split(",") if v else None, default=None,
+              help="--online: live augmentation, one of these views per image per epoch (as extract --views).")
 @impl_option
 @friendly_errors
 def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batch_size, boxes, mask_fraction,
                device, resume, ann_file, val_ann_file, tensorboard, quiet, out, impl, online, finetune, detector,
                preset, weights, random_init, detector_seed, coco_root, split, image_dir, image_ids, max_images,
-               min_size, max_size, encoder_layers, top_k, levels, precision):
+               min_size, max_size, encoder_layers, top_k, levels, precision, views):
     """Train the mask head from the cache only (the detector is never built), or --online.
 
     Several processes: torchrun --nproc_per_node N cli.py train-head ... (gloo on CPU, nccl on
@@ -342,11 +348,11 @@ def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batc
                               image_dir=image_dir, image_ids=image_ids, max_images=max_images, min_size=min_size,
                               max_size=max_size, encoder_layers=encoder_layers, top_k=top_k, dtype="float32",
                               levels=levels, device=str(local_device(resolve_device(device))), precision=precision,
-                              impl=impl)
+                              impl=impl, views=views)
         source = OnlineSource(opts, finetune=finetune)
         ann_file = None
-    elif finetune != "none":
-        raise click.UsageError("--finetune needs --online (a cache holds one frozen pass)")
+    elif finetune != "none" or views:
+        raise click.UsageError("--finetune and --views need --online (a cache's views are chosen at extract --views)")
     result = train(cfg, cache, out, val_cache=val_cache, resume=resume, device=device, ann_file=ann_file,
                    val_ann_file=val_ann_file, impl=impl, progress=not quiet, tensorboard=tensorboard, source=source)
     if result["resumed_at"] is not None:

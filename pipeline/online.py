@@ -39,6 +39,7 @@ from . import data
 from .batches import ground_truth
 from .extract import ExtractOptions, build_frozen_detector, check_images_before_compute, make_fingerprint
 from .record import SampleRecord
+from .views import parse_views, plan_view, view_ground_truth, view_image
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,10 @@ class LiveImage:
 
     Attributes:
         image: ``[3, h, w]`` float32, ImageNet-normalised RGB at the test-time size
-            (:func:`pipeline.data.preprocess`, the cache's preprocessing).
-        image_id: dataset image id; orig_size: ``(height, width)`` pixels of the original image.
-        gt: :func:`pipeline.batches.ground_truth` of the image (non-crowd objects, original pixels).
+            (:func:`pipeline.views.view_image`; for ``orig`` the cache's preprocessing).
+        image_id: dataset image id; orig_size: ``(height, width)`` pixels of the view's frame
+            (the original image for ``orig``).
+        gt: :func:`pipeline.batches.ground_truth` of the image in that frame (non-crowd objects).
     """
 
     image: torch.Tensor
@@ -69,29 +71,33 @@ class LiveImage:
 class LiveImages(Dataset):
     """Torch dataset of :class:`LiveImage` (decoded in DataLoader workers, like ``extract``'s).
 
-    Item ``n`` is the image ``image_ids[indices[n]]``; the annotation file is opened lazily in each
-    worker process, so the dataset pickles into spawned workers.
+    Item ``n * V + v`` is view ``views[v]`` (:mod:`pipeline.views`; ``orig`` = the cache's
+    preprocessing) of the image ``image_ids[indices[n]]``, its ground truth in the view's frame,
+    as a multi-view cache holds it. The annotation file is opened lazily in each worker process,
+    so the dataset pickles into spawned workers.
     """
 
     def __init__(self, ann_file: Path, image_dir: Path, image_ids: list[int], indices: list[int],
-                 min_size: int, max_size: int):
+                 min_size: int, max_size: int, views: list[str] = ("orig",)):
         self.ann_file, self.image_dir = str(ann_file), str(image_dir)
-        self.image_ids, self.indices = list(image_ids), list(indices)
+        self.image_ids, self.indices, self.views = list(image_ids), list(indices), list(views)
         self.min_size, self.max_size = min_size, max_size
         self._coco = None
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.indices) * len(self.views)
 
-    def __getitem__(self, n: int) -> LiveImage:
+    def __getitem__(self, p: int) -> LiveImage:
         if self._coco is None:
             self._coco = data.load_coco(self.ann_file)
+        n, v = divmod(p, len(self.views))
         image_id = self.image_ids[self.indices[n]]
         info = self._coco.imgs[image_id]
         w, h = int(info["width"]), int(info["height"])
         pil = data.load_image(Path(self.image_dir) / info["file_name"], expected_size=(w, h))
-        return LiveImage(data.preprocess(pil, self.min_size, self.max_size), image_id, (h, w),
-                         ground_truth(self._coco, image_id))
+        plan = plan_view(self.views[v], image_id, w, h, self.min_size, self.max_size)
+        return LiveImage(view_image(pil, plan), image_id, plan.frame_size,
+                         view_ground_truth(ground_truth(self._coco, image_id), plan))
 
 
 class OnlineSource:
@@ -137,6 +143,8 @@ class OnlineSource:
         self.encoder_layers = self.fingerprint["encoder_layers"]
         self.feature_widths = self.fingerprint["feature_widths"]
         self.levels = self.fingerprint["levels"]
+        self.views = parse_views(opts.views)  # live augmentation: the cache's view rules, drawn per epoch
+        self.num_views = len(self.views)
         self.device = torch.device(opts.device)
         self.dtype = next(self.detector.parameters()).dtype
         self.trainable = trainable_parameters(self.detector, finetune)
@@ -153,7 +161,7 @@ class OnlineSource:
     def dataset(self, indices: list[int], encoder_layer: int) -> LiveImages:
         """The images at ``indices`` with their ground truth (decoded, not yet through the detector)."""
         return LiveImages(self.ann_file, self.image_dir, self.image_ids, indices, self.opts.min_size,
-                          self.opts.max_size)
+                          self.opts.max_size, self.views)
 
     def records(self, items: list[LiveImage], encoder_layer: int) -> list[SampleRecord]:
         """Run the detector on each image (batch 1: no padding, as ``extract`` at ``--batch-size 1``).

@@ -37,6 +37,7 @@ from .record import SampleRecord
 from .targets import limit_queries, training_targets
 from .subsets import mask_subset
 from .utils import WriterLock, write_bytes_atomic
+from .views import plan_view, view_choices, view_ground_truth
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,32 @@ def _set_rng_state(state: dict, sample_gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class ViewedRecords(torch.utils.data.Dataset):
+    """Item ``p`` of ``records`` (a view-major-within-image dataset: item ``n * V + v`` is view ``v``)
+    with its ground truth moved into the view's frame (:func:`pipeline.views.view_ground_truth`).
+
+    Raises (on access):
+        CacheError: the record's ``orig_size`` is not the frame the view plans (a cache extracted
+            with other view rules).
+    """
+
+    def __init__(self, records, views: list[str], min_size: int, max_size: int):
+        self.records, self.views, self.min_size, self.max_size = records, list(views), min_size, max_size
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, p: int) -> SampleRecord:
+        rec = self.records[p]
+        h, w = (int(x) for x in rec.gt["masks"].shape[-2:])
+        plan = plan_view(self.views[p % len(self.views)], rec.image_id, w, h, self.min_size, self.max_size)
+        if tuple(rec.orig_size) != plan.frame_size:
+            raise CacheError(f"image {rec.image_id}, view {plan.name}: cached frame {rec.orig_size} is not the planned "
+                             f"{plan.frame_size}; re-extract the cache with this code")
+        rec.gt = view_ground_truth(rec.gt, plan)
+        return rec
+
+
 class CachedSource:
     """Stage two's default feature source: a feature cache (``cli.py extract``), read per image.
 
@@ -100,16 +127,27 @@ class CachedSource:
         self.fingerprint = self.cache.fingerprint
         self.encoder_layers = self.cache.encoder_layers
         self.feature_widths = self.cache.feature_widths
-        self.image_ids = [int(i) for i in self.cache.image_ids]
+        self.views = self.fingerprint.get("views", ["orig"])  # extract --views: V entries per image
+        self.num_views = len(self.views)
+        self.image_ids = [int(i) for i in self.cache.image_ids[::self.num_views]]
         self.ann_file = annotation_file(self.fingerprint, ann_file)
 
     def candidate_indices(self) -> list[int]:
-        """Store indices of completely extracted images."""
-        return self.cache.done_indices()
+        """Images (positions in :attr:`image_ids`) whose every view is completely extracted."""
+        done = set(self.cache.done_indices())
+        v = self.num_views
+        return [n for n in range(len(self.image_ids)) if all(n * v + k in done for k in range(v))]
 
-    def dataset(self, indices: list[int], encoder_layer: int) -> CachedImages:
-        """The cached records (layer ``encoder_layer``) of ``indices`` with their ground truth."""
-        return CachedImages(self.path, indices, encoder_layer, self.ann_file, with_gt=True)
+    def dataset(self, indices: list[int], encoder_layer: int):
+        """The cached records (layer ``encoder_layer``) of the images ``indices`` with their ground truth;
+        item ``n * V + v`` is view ``v`` of image ``indices[n]`` (its ground truth in the view's frame)."""
+        v = self.num_views
+        records = CachedImages(self.path, [n * v + k for n in indices for k in range(v)], encoder_layer,
+                               self.ann_file, with_gt=True)
+        if v == 1 and self.views == ["orig"]:
+            return records
+        pre = self.fingerprint["preprocessing"]
+        return ViewedRecords(records, self.views, pre["min_size"], pre["max_size"])
 
     def records(self, items: list[SampleRecord], encoder_layer: int) -> list[SampleRecord]:
         """Cached items already are records."""
@@ -286,6 +324,10 @@ def _train_locked(cfg: Config, source, out: Path, *, val_cache, resume, ctx: Dis
     while step < total:
         epoch, offset = divmod(step, iters_per_epoch)
         order = EpochSampler(len(indices), tc.seed, epoch, start=offset * tc.batch_size)
+        views = getattr(source, "num_views", 1)
+        if views > 1:  # one seeded view per image and epoch (pipeline/views.py)
+            choice = view_choices(tc.seed, epoch, len(indices), views)
+            order = [n * views + choice[n] for n in order]
         batches = RankBatches(order, tc.batch_size, ctx.rank, ctx.world_size)  # this rank's share of each global batch
         loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_list, num_workers=tc.num_workers,
                             multiprocessing_context="spawn" if tc.num_workers > 0 else None,
