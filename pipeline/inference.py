@@ -16,7 +16,7 @@ from kernels import ops as kernel_ops
 
 from . import data
 from .batches import CachedImages, annotation_file, category_maps, image_features, to_xyxy_pixels
-from .cache import RANDOM_INIT_BANNER, FeatureCache
+from .cache import RANDOM_INIT_BANNER, CacheError, FeatureCache
 from .config import Config
 from .evaluate import evaluate_coco, instances_to_coco_json, paste_masks
 from .head import build_head, build_matcher, build_postprocess, count_parameters
