@@ -31,15 +31,16 @@ def _metrics(run):
 
 
 def test_online_step_equals_cached_step_with_frozen_detector(tmp_path):
+    """Same images, seed and views (the epoch's seeded view per image: the cache's stored one vs live)."""
     require_coco()
     cache = tmp_path / "train.zarr"
     run_extract(ExtractOptions(out=cache, coco_root=COCO_ROOT, split="train2017", max_images=2, dtype="float32",
-                               **DETECTOR))
-    cfg = load_config(CONFIG, list(SMALL_HEAD) + ["train.max_iters=1", "train.batch_size=2"])
+                               views=["orig", "hflip"], **DETECTOR))
+    cfg = load_config(CONFIG, list(SMALL_HEAD) + ["train.max_iters=1", "train.batch_size=2", "train.seed=2"])
     train(cfg, cache, tmp_path / "cached", device="cpu", progress=False)
     run_cli("train-head", "--online", *DETECTOR_FLAGS, "--coco-root", COCO_ROOT, "--split", "train2017",
-            "--max-images", 2, "--config", CONFIG, *head_sets(), "--max-iters", 1, "--batch-size", 2,
-            "--device", "cpu", "--quiet", "--out", tmp_path / "online")
+            "--max-images", 2, "--views", "orig,hflip", "--config", CONFIG, *head_sets(["train.seed=2"]),
+            "--max-iters", 1, "--batch-size", 2, "--device", "cpu", "--quiet", "--out", tmp_path / "online")
     cached, online = (load_checkpoint(tmp_path / name / "head.pt") for name in ("cached", "online"))
     assert online["step"] == cached["step"] == 1
     assert sorted(online["head"]) == sorted(cached["head"])
@@ -50,6 +51,9 @@ def test_online_step_equals_cached_step_with_frozen_detector(tmp_path):
     assert moments and any(bool(m.abs().sum() > 0) for m in moments)
     (c,), (o,) = _metrics(tmp_path / "cached"), _metrics(tmp_path / "online")
     assert abs(c["loss"] - o["loss"]) < 1e-5 and abs(c["grad_norm"] - o["grad_norm"]) < 1e-3 * c["grad_norm"]
+    from pipeline.views import view_choices
+
+    assert sorted(view_choices(2, 0, 2, 2)) == [0, 1]  # with seed 2 this epoch mixes both views
     # the online head is usable as a cached one: the fingerprint is extract's, plus how it was trained
     assert {k: v for k, v in online["fingerprint"].items() if k not in ("online", "dtype")} == \
         {k: v for k, v in cached["fingerprint"].items() if k != "dtype"}
