@@ -108,7 +108,7 @@ class OnlineSource:
     cache from the same detector), ``encoder_layers``, ``feature_widths``, ``image_ids``,
     ``candidate_indices()``, ``ann_file``, ``dataset(indices, encoder_layer)``,
     ``records(items, encoder_layer)``, ``parameter_groups(lr)``, ``state_dict()`` /
-    ``load_state_dict()`` and ``label``.
+    ``load_state_dict()``, ``num_views`` (``opts.views``: live augmentation) and ``label``.
 
     Args:
         opts: ``extract``'s options (detector, weights or ``random_init``, dataset, resize,

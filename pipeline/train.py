@@ -112,8 +112,10 @@ class CachedSource:
     ``ann_file``, ``label``, ``candidate_indices()``, ``dataset(indices, encoder_layer)`` (a torch
     dataset, items picklable into DataLoader workers), ``records(items, encoder_layer)`` (loader
     items -> :class:`~pipeline.record.SampleRecord` s with ``gt``, in the main process),
-    ``parameter_groups(lr)`` (extra trainable parameters, e.g. a fine-tuned detector) and
-    ``state_dict()`` / ``load_state_dict()`` (their checkpointed state).
+    ``parameter_groups(lr)`` (extra trainable parameters, e.g. a fine-tuned detector),
+    ``state_dict()`` / ``load_state_dict()`` (their checkpointed state) and ``num_views`` (V views
+    per image, :mod:`pipeline.views`: dataset item ``n * V + v`` is view ``v`` of image ``n``, and
+    each epoch trains one seeded view per image).
 
     Raises:
         CacheError: the store cannot be opened, or its annotation file moved or changed (``ann_file``).
