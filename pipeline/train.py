@@ -208,6 +208,7 @@ def train(cfg: Config, cache_path: str | Path | None, out: str | Path, *, val_ca
     """
     if (cache_path is None) == (source is None):
         raise ValueError("train: give either a cache (--cache) or an online source (--online), not both or neither")
+    kernel_ops.configure(impl)  # an unavailable --impl is refused before anything is opened
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ctx = init_from_env(resolve_device(device))  # torchrun: this rank of the process group (pipeline/distributed.py)
