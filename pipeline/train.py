@@ -118,7 +118,7 @@ class CachedSource:
     each epoch trains one seeded view per image).
 
     Raises:
-        CacheError: the store cannot be opened, or its annotation file moved or changed (``ann_file``).
+        CacheError: the store cannot be opened.
     """
 
     kind = "cache"
@@ -132,7 +132,19 @@ class CachedSource:
         self.views = self.fingerprint.get("views", ["orig"])  # extract --views: V entries per image
         self.num_views = len(self.views)
         self.image_ids = [int(i) for i in self.cache.image_ids[::self.num_views]]
-        self.ann_file = annotation_file(self.fingerprint, ann_file)
+        self._ann_override = ann_file
+
+    @property
+    def ann_file(self) -> Path:
+        """The annotation file the cache was extracted from (or its ``--ann-file`` override), checked by
+        SHA-256 when first asked for, i.e. after the config and val-cache checks.
+
+        Raises:
+            CacheError: the file is missing or differs from the one recorded in the cache.
+        """
+        if not hasattr(self, "_ann"):
+            self._ann = annotation_file(self.fingerprint, self._ann_override)
+        return self._ann
 
     def candidate_indices(self) -> list[int]:
         """Images (positions in :attr:`image_ids`) whose every view is completely extracted."""
