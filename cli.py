@@ -279,15 +279,12 @@ def check_weights(detector, preset, weights):
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
 @click.option("--online", is_flag=True,
               help="Run the detector inside the training loop instead of reading --cache (the paper's online "
-                   "training; README: Online training). Takes extract's detector and dataset flags below.")
+                   "training; README: Online training). Takes extract's detector flags (--detector ... --precision) "
+                   "and dataset flags below.")
 @click.option("--finetune", type=click.Choice(["none", "partial", "full"]), default="none", show_default=True,
               help="--online: none = frozen detector (inference_mode); partial = also train its Transformer "
                    "encoder + decoder; full = the whole detector (Table 11), at 1/10 of the head's lr.")
-@click.option("--detector", default="dino-focalnet", show_default=True, help="--online: as extract --detector.")
-@click.option("--preset", default=None, help="--online: as extract --preset.")
-@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), help="--online: as extract --weights.")
-@click.option("--random-init", is_flag=True, help="--online: as extract --random-init (tests only).")
-@click.option("--detector-seed", default=0, show_default=True, help="--online: as extract --seed (random-init weights).")
+@detector_options
 @click.option("--coco-root", type=click.Path(file_okay=False, path_type=Path), help="--online: as extract --coco-root.")
 @click.option("--split", help="--online: as extract --split (e.g. train2017).")
 @click.option("--image-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -300,15 +297,13 @@ def check_weights(detector, preset, weights):
               help="--online: as extract --encoder-layers (recorded in the fingerprint; must include train.encoder_layer).")
 @click.option("--top-k", default=100, show_default=True, help="--online: as extract --top-k.")
 @click.option("--levels", callback=_int_list, default=None, help="--online: as extract --levels.")
-@click.option("--precision", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
-              help="--online: detector compute precision.")
 @click.option("--views", callback=lambda ctx, p, v: v.split(",") if v else None, default=None,
               help="--online: live augmentation, one of these views per image per epoch (as extract --views).")
 @impl_option
 @friendly_errors
 def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batch_size, boxes, mask_fraction,
                device, resume, ann_file, val_ann_file, tensorboard, quiet, out, impl, online, finetune, detector,
-               preset, weights, random_init, detector_seed, coco_root, split, image_dir, image_ids, max_images,
+               preset, weights, random_init, seed, coco_root, split, image_dir, image_ids, max_images,
                min_size, max_size, encoder_layers, top_k, levels, precision, views):
     """Train the mask head from the cache only (the detector is never built), or --online.
 
@@ -344,7 +339,7 @@ def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batc
         from pipeline.train import resolve_device
 
         opts = ExtractOptions(out=out, detector=detector, preset=preset, weights=weights, random_init=random_init,
-                              seed=detector_seed, coco_root=coco_root, split=split, ann_file=ann_file,
+                              seed=seed, coco_root=coco_root, split=split, ann_file=ann_file,
                               image_dir=image_dir, image_ids=image_ids, max_images=max_images, min_size=min_size,
                               max_size=max_size, encoder_layers=encoder_layers, top_k=top_k, dtype="float32",
                               levels=levels, device=str(local_device(resolve_device(device))), precision=precision,

@@ -37,7 +37,8 @@ from torch.utils.data import Dataset
 
 from . import data
 from .batches import ground_truth
-from .extract import ExtractOptions, build_frozen_detector, check_images_before_compute, make_fingerprint
+from .extract import ExtractOptions, check_images_before_compute, make_fingerprint
+from .frozen_detector import build_frozen_detector
 from .record import SampleRecord
 from .views import parse_views, plan_view, view_ground_truth, view_image
 
