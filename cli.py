@@ -181,6 +181,10 @@ def main(verbose):
 @click.option("--skip-bad-images", is_flag=True,
               help="Record unreadable images in the store's skipped list and go on (default: stop with an error).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out instead of resuming it.")
+@click.option("--views", callback=lambda ctx, p, v: v.split(",") if v else None, default=None,
+              help="Augmented views stored per image, comma-separated (default: orig): orig, hflip, short<S>, "
+              "scale<F>, '+'-joined (hflip+short640), or lsj (a set of scale/crop/flip views). train-head draws one "
+              "view per image per epoch. Each view costs about one image's disk (README: Augmented views).")
 @click.option("--out", required=True, type=STORE,
               help="Output .zarr store: a local path or an fsspec URL (s3://bucket/train.zarr with the [s3] extra).")
 @impl_option
@@ -263,8 +267,9 @@ def check_weights(detector, preset, weights):
 
 # -------------------------------------------------------------------------------- train-head
 @main.command("train-head")
-@click.option("--cache", required=True, type=STORE, help="Training cache (local path or fsspec URL).")
-@click.option("--val-cache", type=STORE, help="Validation cache, evaluated at the end (local path or fsspec URL).")
+@click.option("--cache", type=STORE, help="Training cache: a local path or an fsspec URL (or --online).")
+@click.option("--val-cache", type=STORE,
+              help="Validation cache, evaluated at the end (local path or fsspec URL).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               default=Path(__file__).parent / "configs" / "mfdetr_dino_focalnet_l.yaml", show_default=True,
               help="Experiment YAML (head, train and evaluate sections).")
@@ -284,18 +289,45 @@ def check_weights(detector, preset, weights):
 @click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1 ...")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--ann-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Training annotations, if moved since extraction.")
+              help="Training annotations, if moved since extraction (--online: the annotation json, with --image-dir).")
 @click.option("--val-ann-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Validation annotations, if moved since extraction.")
 @click.option("--tensorboard", is_flag=True,
               help="Also write the metrics as TensorBoard scalars to <out>/tensorboard (extra [tensorboard]).")
 @click.option("--quiet", is_flag=True, help="No progress bar and only warnings in the log (metrics.jsonl is unchanged).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
+@click.option("--online", is_flag=True,
+              help="Run the detector inside the training loop instead of reading --cache (the paper's online "
+                   "training; README: Online training). Takes extract's detector flags (--detector ... --precision) "
+                   "and dataset flags below.")
+@click.option("--finetune", type=click.Choice(["none", "partial", "full"]), default="none", show_default=True,
+              help="--online: none = frozen detector (inference_mode); partial = also train its Transformer "
+                   "encoder + decoder; full = the whole detector (Table 11), at 1/10 of the head's lr.")
+@detector_options
+@click.option("--coco-root", type=click.Path(file_okay=False, path_type=Path), help="--online: as extract --coco-root.")
+@click.option("--split", help="--online: as extract --split (e.g. train2017).")
+@click.option("--image-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="--online: image folder of --ann-file (instead of --coco-root/--split).")
+@click.option("--image-ids", callback=_int_list, help="--online: as extract --image-ids.")
+@click.option("--max-images", type=int, help="--online: as extract --max-images.")
+@click.option("--min-size", default=800, show_default=True, help="--online: as extract --min-size.")
+@click.option("--max-size", default=1333, show_default=True, help="--online: as extract --max-size.")
+@click.option("--encoder-layers", default="4", show_default=True, callback=_int_list,
+              help="--online: as extract --encoder-layers (recorded in the fingerprint; must include train.encoder_layer).")
+@click.option("--top-k", default=100, show_default=True, help="--online: as extract --top-k.")
+@click.option("--levels", callback=_int_list, default=None, help="--online: as extract --levels.")
+@click.option("--views", callback=lambda ctx, p, v: v.split(",") if v else None, default=None,
+              help="--online: live augmentation, one of these views per image per epoch (as extract --views).")
 @impl_option
 @friendly_errors
 def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batch_size, boxes, mask_fraction,
-               num_workers, device, resume, ann_file, val_ann_file, tensorboard, quiet, out, impl):
-    """Train the mask head from the cache only (the detector is never built).
+               num_workers, device, resume, ann_file, val_ann_file, tensorboard, quiet, out, impl, online, finetune,
+               detector, preset, weights, random_init, seed, coco_root, split, image_dir, image_ids, max_images,
+               min_size, max_size, encoder_layers, top_k, levels, precision, views):
+    """Train the mask head from the cache only (the detector is never built), or --online.
+
+    Several processes: torchrun --nproc_per_node N cli.py train-head ... (gloo on CPU, nccl on
+    CUDA; --batch-size is the global batch, split over the ranks; rank 0 logs and checkpoints).
 
     Writes <out>/config.yaml (resolved), <out>/metrics.jsonl, <out>/checkpoint.pt (latest) and
     <out>/head.pt (final). With --val-cache, also <out>/eval/metrics.json.
@@ -316,8 +348,27 @@ def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batc
     cfg = load_config(config_path, extra)
     if quiet:
         logging.getLogger().setLevel(logging.WARNING)
+    source = None
+    if online == (cache is not None):
+        raise click.UsageError("give --cache (train from the feature cache) or --online (detector in the loop)")
+    if online:
+        from pipeline.distributed import local_device
+        from pipeline.extract import ExtractOptions
+        from pipeline.online import OnlineSource
+        from pipeline.train import resolve_device
+
+        opts = ExtractOptions(out=out, detector=detector, preset=preset, weights=weights, random_init=random_init,
+                              seed=seed, coco_root=coco_root, split=split, ann_file=ann_file,
+                              image_dir=image_dir, image_ids=image_ids, max_images=max_images, min_size=min_size,
+                              max_size=max_size, encoder_layers=encoder_layers, top_k=top_k, dtype="float32",
+                              levels=levels, device=str(local_device(resolve_device(device))), precision=precision,
+                              impl=impl, views=views)
+        source = OnlineSource(opts, finetune=finetune)
+        ann_file = None
+    elif finetune != "none" or views:
+        raise click.UsageError("--finetune and --views need --online (a cache's views are chosen at extract --views)")
     result = train(cfg, cache, out, val_cache=val_cache, resume=resume, device=device, ann_file=ann_file,
-                   val_ann_file=val_ann_file, impl=impl, progress=not quiet, tensorboard=tensorboard)
+                   val_ann_file=val_ann_file, impl=impl, progress=not quiet, tensorboard=tensorboard, source=source)
     if result["resumed_at"] is not None:
         click.echo(f"resumed at step {result['resumed_at']}; trained {result['steps_run']} more step(s)")
     click.echo(f"head: {result['head']} (step {result['step']})")

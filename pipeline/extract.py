@@ -24,6 +24,7 @@ from .cache import DONE, PENDING, SKIPPED, FeatureCache, ImageLayout, check_stor
 from .frozen_detector import DetectorOptions, build_frozen_detector
 from .faults import fault_point
 from .utils import WriterLock, file_sha256
+from .views import ViewPlan, parse_views, plan_view, view_image
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ class ExtractOptions(DetectorOptions):
         scheduler: address of an existing dask scheduler to submit to instead (``tcp://host:8786``).
         unit_images: images per work unit (a contiguous block of store indices; each image owns
             whole chunks, so units never share a chunk). retries: re-runs of a failed unit.
+        views: augmented views stored per image (:mod:`pipeline.views`; None = ``["orig"]``):
+            entries are image-major (entry ``n * V + v`` = view ``v`` of image ``n``), recorded in
+            the fingerprint's ``views`` when not just ``orig``.
     """
 
     out: Path
@@ -76,6 +80,7 @@ class ExtractOptions(DetectorOptions):
     scheduler: str | None = None
     unit_images: int = 8
     retries: int = 2
+    views: list[str] | None = None
 
 
 def make_fingerprint(opts: ExtractOptions, detector, checkpoint_sha: str, ann_file: Path) -> dict:
@@ -100,6 +105,7 @@ def make_fingerprint(opts: ExtractOptions, detector, checkpoint_sha: str, ann_fi
                            "num_feature_levels": len(stored_levels(opts, detector))},
         "ann_file": str(Path(ann_file).resolve()),
         "ann_sha256": file_sha256(Path(ann_file)),
+        **({"views": views} if (views := parse_views(opts.views)) != ["orig"] else {}),
     }
 
 
@@ -132,17 +138,33 @@ def _log_class_mapping(column_to_category: dict[int, int], coco) -> None:
                     "trained for them", missing)
 
 
-def _layouts(coco, image_ids, detector, min_size, max_size, levels: list[int]) -> list[ImageLayout]:
+def _layouts(coco, image_ids, detector, min_size, max_size, levels: list[int],
+             views: list[str] = ("orig",)) -> list[ImageLayout]:
+    """One layout per (image, view), image-major; a view's ``orig_size`` is its frame (:mod:`pipeline.views`)."""
     layouts = []
     for image_id in image_ids:
         info = coco.imgs[image_id]
         w, h = int(info["width"]), int(info["height"])
-        rh, rw = data.resize_shape(w, h, min_size, max_size)
-        shapes, c1_hw = detector.feature_shapes(rh, rw)
-        shapes = shapes[levels]
-        layouts.append(ImageLayout(int(image_id), (h, w), (rh, rw),
-                                   [tuple(int(x) for x in s) for s in shapes.tolist()], tuple(int(x) for x in c1_hw)))
+        for view in views:
+            plan = plan_view(view, image_id, w, h, min_size, max_size)
+            (rh, rw), frame = plan.size, plan.frame_size
+            shapes, c1_hw = detector.feature_shapes(rh, rw)
+            shapes = shapes[levels]
+            layouts.append(ImageLayout(int(image_id), frame, (rh, rw), [tuple(int(x) for x in s) for s in shapes.tolist()],
+                                       tuple(int(x) for x in c1_hw)))
     return layouts
+
+
+def entry_plans(cache, coco, indices: list[int], min_size: int, max_size: int) -> dict[int, ViewPlan]:
+    """``{store index: ViewPlan}`` of the given entries (entry ``n * V + v`` = view ``v`` of image ``n``,
+    views from the fingerprint, ``["orig"]`` when it records none)."""
+    views = cache.fingerprint.get("views", ["orig"])
+    plans = {}
+    for i in indices:
+        info = coco.imgs[int(cache.image_ids[i])]
+        plans[i] = plan_view(views[i % len(views)], int(info["id"]), int(info["width"]), int(info["height"]),
+                             min_size, max_size)
+    return plans
 
 
 def size_batches(sizes: dict[int, tuple[int, int]], indices: list[int], batch_size: int) -> list[list[int]]:
@@ -170,9 +192,8 @@ class _DecodedBatches(torch.utils.data.Dataset):
     """Item ``n``: ``[(index, image [3, h, w] float32 or None, error or None)]`` of batch ``n``
     (decoding and preprocessing, run in DataLoader workers when ``--decode-workers`` > 0)."""
 
-    def __init__(self, batches, paths, expected_sizes, min_size, max_size):
-        self.batches, self.paths, self.expected = batches, paths, expected_sizes
-        self.min_size, self.max_size = min_size, max_size
+    def __init__(self, batches, paths, expected_sizes, plans):
+        self.batches, self.paths, self.expected, self.plans = batches, paths, expected_sizes, plans
 
     def __len__(self):
         return len(self.batches)
@@ -185,7 +206,7 @@ class _DecodedBatches(torch.utils.data.Dataset):
             except data.DataError as e:
                 out.append((i, None, str(e)))
                 continue
-            out.append((i, data.preprocess(image, self.min_size, self.max_size), None))
+            out.append((i, view_image(image, self.plans[i]), None))
         return out
 
 
@@ -254,9 +275,10 @@ def _extract_indices(opts: ExtractOptions, indices: list[int], detector, coco,
     paths = {i: Path(image_dir) / coco.imgs[ids[i]]["file_name"] for i in indices}
     expected = {i: (int(coco.imgs[ids[i]]["width"]), int(coco.imgs[ids[i]]["height"])) for i in indices}
     batches = size_batches(cache.sizes(indices), indices, opts.batch_size)
+    plans = entry_plans(cache, coco, indices, opts.min_size, opts.max_size)  # "orig": the test-time resize
     workers = decode_workers(opts)
     loader = torch.utils.data.DataLoader(
-        _DecodedBatches(batches, paths, expected, opts.min_size, opts.max_size), batch_size=None, shuffle=False,
+        _DecodedBatches(batches, paths, expected, plans), batch_size=None, shuffle=False,
         num_workers=workers, multiprocessing_context="spawn" if workers else None,
         prefetch_factor=2 if workers else None, persistent_workers=False)
     writer = _Writer(cache, opts.out)
@@ -283,10 +305,9 @@ def _extract_indices(opts: ExtractOptions, indices: list[int], detector, coco,
             records = detector.extract(x, mask, list(cache.encoder_layers), cache.fingerprint["top_k"])
             forwards += 1
             for (i, _), record in zip(good, records):
-                info = coco.imgs[ids[i]]
                 record = record.select_levels(cache.fingerprint["levels"])
                 record.image_id, record.size = ids[i], tuple(int(s) for s in x.shape[2:])
-                record.orig_size = (int(info["height"]), int(info["width"]))
+                record.orig_size = plans[i].frame_size  # the original image's (h, w) for "orig"
                 writer.put("write", i, record)
             bar.update(len(good))
     finally:
@@ -462,6 +483,7 @@ def _run_extract_locked(opts: ExtractOptions) -> dict:
     if not 1 <= opts.top_k:
         raise ValueError(f"--top-k must be >= 1, got {opts.top_k}")
     check_storage(opts.dtype, opts.keep_bits, opts.codec)  # before any compute or write
+    parse_views(opts.views)  # raises on a bad --views
     size_batches({}, [], opts.batch_size)  # raises on a bad --batch-size
     decode_workers(opts)  # raises on a bad --decode-workers
     check_images_before_compute(coco, image_ids, image_dir, opts.skip_bad_images)
@@ -473,7 +495,8 @@ def _run_extract_locked(opts: ExtractOptions) -> dict:
         raise ValueError(f"--encoder-layers {bad} out of range 1..{detector.num_encoder_layers}")
     fingerprint = make_fingerprint(opts, detector, sha, ann_file)
     _log_class_mapping(detector.class_to_category_id(), coco)
-    layouts = _layouts(coco, image_ids, detector, opts.min_size, opts.max_size, fingerprint["levels"])
+    layouts = _layouts(coco, image_ids, detector, opts.min_size, opts.max_size, fingerprint["levels"],
+                       fingerprint.get("views", ["orig"]))
     cache = FeatureCache.create_or_resume(
         opts.out, fingerprint, layouts, top_k=opts.top_k, hidden_dim=detector.hidden_dim,
         num_classes=detector.num_classes, c1_channels=detector.c1_channels, overwrite=opts.overwrite)

@@ -16,7 +16,7 @@ from kernels import ops as kernel_ops
 
 from . import data
 from .batches import CachedImages, annotation_file, category_maps, image_features, to_xyxy_pixels
-from .cache import RANDOM_INIT_BANNER, FeatureCache
+from .cache import RANDOM_INIT_BANNER, CacheError, FeatureCache
 from .config import Config
 from .evaluate import evaluate_coco, instances_to_coco_json, paste_masks
 from .head import build_head, build_matcher, build_postprocess, count_parameters
@@ -121,10 +121,14 @@ def evaluate_cache(head, cfg: Config, cache_path, out_dir, *, device="cpu", boxe
         the metrics dict of :func:`pipeline.evaluate.evaluate_coco`.
 
     Raises:
-        CacheError: stale/foreign cache or missing annotation file.
+        CacheError: stale/foreign cache, a cache of augmented views (``extract --views``), or
+            missing annotation file.
     """
     impl_info = kernel_ops.configure(impl) if impl is not None else kernel_ops.describe_impl()
     cache = FeatureCache.open(cache_path, expected=expected_fingerprint)
+    if cache.fingerprint.get("views"):
+        raise CacheError(f"{cache_path}: holds augmented training views {cache.fingerprint['views']}; evaluate a cache "
+                         "extracted without --views")
     check_cache_supports(cfg, cache, cache_path)
     ann = annotation_file(cache.fingerprint, ann_file)
     coco = data.load_coco(ann, require_annotations=not format_only)

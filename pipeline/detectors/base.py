@@ -97,7 +97,7 @@ class Detector(Protocol):
         """Load an official checkpoint file (``{'model': sd, ...}`` or a bare state_dict)."""
 
     def extract(
-        self, images: Tensor, mask: Tensor, encoder_layers: list[int], top_k: int
+        self, images: Tensor, mask: Tensor, encoder_layers: list[int], top_k: int, trainable: bool = False
     ) -> list[SampleRecord]:
         """Run the frozen forward on a padded batch and return one :class:`~pipeline.record.SampleRecord` per image.
 
@@ -106,6 +106,7 @@ class Detector(Protocol):
             mask: ``[B, H, W]`` bool, True on padding.
             encoder_layers: which encoder layers (1-based) to return.
             top_k: number of queries to keep (<= num_queries).
+            trainable: forward under autograd instead of ``torch.inference_mode`` (online fine-tuning).
         """
 
 

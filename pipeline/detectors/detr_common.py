@@ -18,6 +18,7 @@ float64 runs, float32 islands included.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -476,6 +477,13 @@ def extract_records(out: dict, c1: Tensor, c1_mask: Tensor, encoder_layers: list
             extras={"scores": scores[order].clone()},
         ))
     return records
+
+
+def frozen_or_trainable(trainable: bool):
+    """The context of a detector's ``extract`` forward: ``torch.inference_mode()`` for the frozen
+    detector (no autograd bookkeeping; records are cloned out of it), or a no-op context when
+    ``trainable`` (online fine-tuning: the forward is recorded for backward)."""
+    return contextlib.nullcontext() if trainable else torch.inference_mode()
 
 
 def check_extract_args(encoder_layers: list[int], top_k: int, num_encoder_layers: int, num_queries: int) -> list[int]:

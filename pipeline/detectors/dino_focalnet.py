@@ -27,6 +27,7 @@ from pipeline.detectors.detr_common import (
     check_extract_args,
     check_images_and_mask,
     extract_records,
+    frozen_or_trainable,
     inverse_sigmoid,
     level_inputs,
     patch_stage_shapes,
@@ -218,8 +219,9 @@ class DINOFocalNet(nn.Module):
                              for i in range(hs.shape[0])])
         return logits, boxes
 
-    def extract(self, images: Tensor, mask: Tensor, encoder_layers: list[int], top_k: int) -> list[SampleRecord]:
-        """Frozen forward (under ``torch.inference_mode``) -> one :class:`~pipeline.record.SampleRecord` per image.
+    def extract(self, images: Tensor, mask: Tensor, encoder_layers: list[int], top_k: int,
+                trainable: bool = False) -> list[SampleRecord]:
+        """Frozen forward (under ``torch.inference_mode``; with ``trainable`` under autograd) -> one :class:`~pipeline.record.SampleRecord` per image.
 
         Queries are ranked by their best sigmoid class score over all columns (descending, stable
         sort, so ties keep query order) and the first ``top_k`` are kept.  Encoder tokens and
@@ -233,12 +235,15 @@ class DINOFocalNet(nn.Module):
             mask: ``[B, H, W]`` bool, True on padding.
             encoder_layers: 1-based encoder layers to return (``enc_layers`` = the memory).
             top_k: queries to keep, ``1 <= top_k <= num_queries``.
+            trainable: run the forward under autograd instead of ``inference_mode``, so the
+                record's tensors carry gradients back to the parameters that require them
+                (online fine-tuning, paper Table 11; :mod:`pipeline.online`).
 
         Raises:
             ValueError: a layer outside ``1..enc_layers`` or ``top_k`` out of range.
         """
         layers = check_extract_args(encoder_layers, top_k, self.num_encoder_layers, self.num_queries)
-        with torch.inference_mode():
+        with frozen_or_trainable(trainable):
             out = self.forward(images, mask)
         return extract_records(out, out["backbone_features"][0], out["masks"][0], layers, top_k)
 

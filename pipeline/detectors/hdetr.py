@@ -58,6 +58,7 @@ from pipeline.detectors.detr_common import (
     check_images_and_mask,
     encoder_output_proposals,
     extract_records,
+    frozen_or_trainable,
     flatten_levels,
     inverse_sigmoid,
     level_inputs,
@@ -465,8 +466,9 @@ class HDETR(nn.Module):
                              for i in range(hs.shape[0])])
         return logits, boxes
 
-    def extract(self, images: Tensor, mask: Tensor, encoder_layers: list[int], top_k: int) -> list[SampleRecord]:
-        """Frozen forward (under ``torch.inference_mode``) -> one :class:`~pipeline.record.SampleRecord` per image.
+    def extract(self, images: Tensor, mask: Tensor, encoder_layers: list[int], top_k: int,
+                trainable: bool = False) -> list[SampleRecord]:
+        """Frozen forward (under ``torch.inference_mode``; with ``trainable`` under autograd) -> one :class:`~pipeline.record.SampleRecord` per image.
 
         As :meth:`pipeline.detectors.dino_focalnet.DINOFocalNet.extract` (see
         :func:`pipeline.detectors.detr_common.extract_records`); ``c1`` is ResNet's res2 / Swin's stage 0.
@@ -475,7 +477,7 @@ class HDETR(nn.Module):
             ValueError: a layer outside ``1..enc_layers`` or ``top_k`` outside ``1..num_queries_one2one``.
         """
         layers = check_extract_args(encoder_layers, top_k, self.num_encoder_layers, self.num_queries)
-        with torch.inference_mode():
+        with frozen_or_trainable(trainable):
             out = self.forward(images, mask)
         return extract_records(out, out["c1"], out["c1_mask"], layers, top_k)
 
