@@ -20,7 +20,7 @@ from .cache import RANDOM_INIT_BANNER, CacheError, FeatureCache
 from .config import Config
 from .evaluate import evaluate_coco, instances_to_coco_json, paste_masks
 from .head import build_head, build_matcher, build_postprocess, count_parameters
-from .head.model import mask_frame_boxes
+from .head.model import mask_frame_boxes, unpad_mask_logits
 from .cache_requirements import check_cache_supports
 from .record import SampleRecord
 from .targets import limit_queries, match_image
@@ -42,7 +42,13 @@ def predict_batch(head, postprocess, items: list[SampleRecord], maps: dict, cfg:
     it, its GT box and GT category; score = predicted mask IoU of that category (1 without
     mask scoring). Requires each record's ``gt`` and ``matcher`` (the config's,
     :func:`pipeline.head.build_matcher`; matching is :func:`pipeline.targets.match_image`, as in
-    training). Masks are pasted into the boxes they span (:func:`pipeline.head.model.mask_frame_boxes`).
+    training). Masks are pasted into the boxes they span (:func:`pipeline.head.model.mask_frame_boxes`)
+    by one bilinear interpolation to the original image (:func:`pipeline.evaluate.paste_masks`).
+    A head without RoIAlign (``head.roi_align`` False, Table 1) gives each image's masks at F's
+    stride-4 grid ``[H1, W1]``, which spans the whole (resized = original, up to scale) image: they
+    are cropped out of the batch's padding and pasted into the whole-image frame, i.e. Eq. 2's
+    ``interpolate(Sigmoid(q_i F^T))`` straight to the original size (as the RoIAlign path pastes
+    its ``R x R`` grid straight into the original-image box), then thresholded.
 
     Raises:
         ValueError: unknown ``boxes`` mode.
@@ -71,7 +77,8 @@ def predict_batch(head, postprocess, items: list[SampleRecord], maps: dict, cfg:
     out = head(feats, torch.cat(queries).to(device), torch.cat(sel_boxes).to(device), sizes,
                torch.cat(bidx).to(device))
     counts = [len(q) for q in queries]
-    mask_logits = out["mask_logits"].split(counts)
+    sizes = out["mask_sizes"].split(counts) if out.get("mask_sizes") is not None else [None] * len(items)
+    mask_logits = [unpad_mask_logits(lg, sz) for lg, sz in zip(out["mask_logits"].split(counts), sizes)]
     iou_pred = out["iou_pred"].split(counts) if out.get("iou_pred") is not None else [None] * len(items)
     col_to_cat = {col: cat for cat, col in maps["column_of"].items()}
     results = []

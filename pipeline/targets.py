@@ -14,7 +14,7 @@ import torch
 
 from .batches import to_xyxy_pixels
 from .head import mask_targets_in_boxes
-from .head.model import mask_frame_boxes
+from .head.model import mask_frame_boxes, mask_grid_size, pad_mask_grids
 from .record import SampleRecord
 
 
@@ -57,14 +57,17 @@ def training_targets(items: list[SampleRecord], matcher, maps: dict, boxes_mode:
         items: cached samples with ``gt``.
         matcher: the config's matcher; maps: :func:`pipeline.batches.category_maps`.
         boxes_mode: ``"pred"`` (the matched query's predicted box) or ``"gt"`` (the object's box).
-        head_cfg: the :class:`pipeline.head.HeadConfig`: targets are resampled at
-            ``target_size`` into the boxes the head's masks span
-            (:func:`pipeline.head.model.mask_frame_boxes`).
+        head_cfg: the :class:`pipeline.head.HeadConfig`: targets are resampled into the boxes the
+            head's masks span (:func:`pipeline.head.model.mask_frame_boxes`) at
+            :func:`pipeline.head.model.mask_grid_size`: ``target_size`` square with RoIAlign;
+            without it (``roi_align`` False, Eq. 1) the whole image at F's grid, C1's ``(H1, W1)``.
 
     Returns:
         None when no image has an object, else a dict: ``queries [M, D]``, ``boxes [M, 4]``
-        cxcywh normalized, ``batch_index [M]``, ``masks [M, T, T]`` float targets in the box
-        frame, ``labels [M]`` contiguous class index.
+        cxcywh normalized, ``batch_index [M]``, ``masks`` float targets in ``[0, 1]`` in the box
+        frame (``[M, T, T]``; without RoIAlign ``[M, max H1, max W1]``, each image's grid at the
+        top-left, 0 elsewhere: :func:`pipeline.head.model.pad_mask_grids`), ``mask_sizes [M, 2]``
+        int64 ``(rows, cols)`` of each target's grid, ``labels [M]`` contiguous class index.
     """
     queries, boxes, bidx, masks, labels = [], [], [], [], []
     for b, it in enumerate(items):
@@ -78,10 +81,11 @@ def training_targets(items: list[SampleRecord], matcher, maps: dict, boxes_mode:
         boxes.append(sel)
         bidx.append(torch.full((len(q_idx),), b, dtype=torch.int64))
         frame = to_xyxy_pixels(mask_frame_boxes(head_cfg, sel), h, w)
-        masks.append(mask_targets_in_boxes(gt["masks"][g_idx], frame, head_cfg.target_size))
+        masks.append(mask_targets_in_boxes(gt["masks"][g_idx], frame, mask_grid_size(head_cfg, it.c1.shape[-2:])))
         labels.append(torch.as_tensor([maps["contiguous_of"][int(c)] for c in gt["category_ids"][g_idx].tolist()],
                                       dtype=torch.int64))
     if not queries:
         return None
+    masks, sizes = pad_mask_grids(masks, value=0.0)
     return {"queries": torch.cat(queries), "boxes": torch.cat(boxes), "batch_index": torch.cat(bidx),
-            "masks": torch.cat(masks), "labels": torch.cat(labels)}
+            "masks": masks, "mask_sizes": sizes, "labels": torch.cat(labels)}

@@ -362,6 +362,7 @@ def _train_locked(cfg: Config, source, out: Path, *, val_cache, resume, ctx: Dis
                     outputs = head(feats, targets["queries"].to(dev), targets["boxes"].to(dev),
                                    image_sizes_of(items).to(dev), targets["batch_index"].to(dev))
                     losses = criterion(outputs, {"masks": targets["masks"].to(dev),
+                                                 "mask_sizes": targets["mask_sizes"].to(dev),
                                                  "labels": targets["labels"].to(dev), **normaliser},
                                        generator=sample_gen)
                     loss = losses["loss"]

@@ -19,6 +19,7 @@ from . import data
 from .batches import annotation_file, category_maps, image_features, to_xyxy_pixels
 from .cache import RANDOM_INIT_BANNER, CacheError, FeatureCache
 from .head import PostProcess
+from .head.model import mask_frame_boxes, unpad_mask_logits
 
 
 def default_image_dir(ann_file: Path) -> Path:
@@ -77,10 +78,12 @@ def visualize_image(head, cfg, cache_path: str | Path, image_id: int, out_dir: s
     out = head(feats, item.queries.float().to(device), boxes.to(device),
                torch.tensor([item.size], dtype=torch.float32, device=device),
                torch.zeros(k, dtype=torch.int64, device=device))
-    det = (postprocess or PostProcess())(item.logits.float().to(device), boxes.to(device), out["mask_logits"],
+    mask_logits = unpad_mask_logits(out["mask_logits"], out.get("mask_sizes"))  # F's grid without RoIAlign
+    det = (postprocess or PostProcess())(item.logits.float().to(device), boxes.to(device), mask_logits,
                                          out.get("iou_pred"), maps["column_to_contiguous"].to(device), top_n=top)
     h, w = item.orig_size
     xyxy = to_xyxy_pixels(det["boxes"].cpu(), h, w).numpy()
+    frame = to_xyxy_pixels(mask_frame_boxes(head.cfg, det["boxes"].cpu()), h, w).numpy()  # what the maps span
     probs = det["mask_probs"].float().cpu().numpy()
     col_to_cat = {col: cat for cat, col in maps["column_of"].items()}
     out_dir = Path(out_dir)
@@ -91,11 +94,11 @@ def visualize_image(head, cfg, cache_path: str | Path, image_id: int, out_dir: s
         name = coco.cats[cat]["name"] if cat in coco.cats else str(cat)
         score = float(det["scores"][r])
         png = out_dir / f"{image_id}_{r + 1:02d}_{re.sub(r'[^A-Za-z0-9]+', '-', name)}.png"
-        probability_panel(image, probs[r], xyxy[r], f"#{r + 1} {name} {score:.2f}").save(png)
+        probability_panel(image, probs[r], frame[r], f"#{r + 1} {name} {score:.2f}").save(png)
         instances.append({"rank": r + 1, "category_id": cat, "name": name, "score": score,
                           "box_xyxy": [float(v) for v in xyxy[r]], "png": str(png)})
     probs_png = out_dir / f"{image_id}_probs.png"
-    paste_probability_maps(image, probs, xyxy).save(probs_png)
+    paste_probability_maps(image, probs, frame).save(probs_png)
     result = {"image_id": int(image_id), "instances": instances, "probs_png": str(probs_png),
               "banner": RANDOM_INIT_BANNER if cache.fingerprint.get("random_init") else None}
     (out_dir / f"{image_id}_instances.json").write_text(json.dumps(result, indent=1))

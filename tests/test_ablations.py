@@ -27,16 +27,16 @@ FLOPS_TOLERANCE = 0.03
 #: ours because the paper counts its element-wise C1 + up(E) sum (0.01 G), which flop_counter does not
 FLOPS_ABS_TOLERANCE_G = 0.03
 #: rows whose ▲FLOPs the paper's convention (pipeline.flops "paper", the mean val2017 image,
-#: 100 / 300 boxes) does not reproduce within FLOPS_TOLERANCE, with why. `params --all` prints all 43.
-FLOPS_EXCUSED: dict[str, str] = {
-    "t1_roialign_off_quarter_off": "RoIAlign off: our head pools the whole image into the R x R grid (one mask path for "
-                                   "training, targets and pasting); the paper's Eq. 1 dots each query with every 1/4-res "
-                                   "pixel (100 x 256 x H/4 x W/4 = 1.44 G), we count 0.55 G",
-    "t1_roialign_off_quarter_on": "as t1_roialign_off_quarter_off",
-}
+#: 100 / 300 boxes) does not reproduce within the tolerance, with why (none today). `params --all` prints all 43.
+FLOPS_EXCUSED: dict[str, str] = {}
+#: rows held to a wider tolerance, with why: Table 1's RoIAlign-off rows are Eq. 1's q . F^T at F's
+#: stride-4 grid, 100 x 256 x 200 x 282 = 1.44 G, 3.1 % / 3.7 % (0.05 G) under the printed 1.49 / 1.50 G;
+#: the rest is probably element-wise work on the 1/4 map the paper's counter saw (its 0.01 G "1/4 feat."
+#: step is the C1 + up(E) sum), which flop_counter counts 0
+FLOPS_ROW_TOLERANCE: dict[str, float] = {"t1_roialign_off_quarter_off": 0.05, "t1_roialign_off_quarter_on": 0.05}
 #: one row per block kind and table (the 43-row check is `params --all`, ~10 min on a CPU)
-FLOPS_ROWS = ("t1_roialign_on_quarter_off", "t1_roialign_off_quarter_off", "t2_convnext1", "t2_swin1", "t2_deformable1",
-              "t3_swin1", "t3_deformable1", "t4_hidden64", "t14_segmenter", "t16_img2_box2")
+FLOPS_ROWS = ("t1_roialign_on_quarter_off", "t1_roialign_off_quarter_off", "t1_roialign_off_quarter_on", "t2_convnext1",
+              "t2_swin1", "t2_deformable1", "t3_swin1", "t3_deformable1", "t4_hidden64", "t14_segmenter", "t16_img2_box2")
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +125,14 @@ def test_flops_of_paper_rows_within_tolerance(targets):
     for name in FLOPS_ROWS:
         cfg = load_config(REPO / "configs" / "ablations" / f"{name}.yaml")
         paper = paper_row(cfg, targets)["flops_delta_G"]
-        ours = config_cost(cfg)["flops_delta_G"]
+        cost = config_cost(cfg)
+        ours = cost["flops_delta_G"]
+        if not cfg.head.roi_align:  # Eq. 1 at F's grid: 100 boxes x 256 channels x the 200 x 282 C1 map of 800 x 1128
+            assert cost["c1_size"] == [200, 282]
+            assert cost["flops_by_module_G"] == pytest.approx({"mask_head": 100 * 256 * 200 * 282 / 1e9})
         rel = ours / paper - 1
         report.append(f"{name}: ours {ours:.2f} G, paper {paper} G ({rel:+.2%})")
-        close = abs(rel) <= FLOPS_TOLERANCE or abs(ours - paper) <= FLOPS_ABS_TOLERANCE_G
+        close = abs(rel) <= FLOPS_ROW_TOLERANCE.get(name, FLOPS_TOLERANCE) or abs(ours - paper) <= FLOPS_ABS_TOLERANCE_G
         if name in FLOPS_EXCUSED:
             assert not close, f"{name} is excused but matches ({rel:+.2%}): drop its excuse"
             assert "flops_excuse" in cfg.paper, f"{name}: say why in paper.flops_excuse"
@@ -153,7 +157,9 @@ def test_two_ablations_train_from_one_cache_and_the_baseline_evaluates(tmp_path,
     for name in list(pipeline.detectors.DETECTORS):  # any detector construction in this process fails the test
         monkeypatch.setitem(pipeline.detectors.DETECTORS, name, no_detector)
     losses = {}
-    for name, extra in (("t2_swin1", ["head.image_encoder_window=7"]), ("t3_convnext1", [])):
+    # and a head without RoIAlign (Eq. 1 at F's grid; box_dim 128 gives it a trainable channel mapper + query projection)
+    for name, extra in (("t2_swin1", ["head.image_encoder_window=7"]), ("t3_convnext1", []),
+                        ("t1_roialign_off_quarter_off", ["head.box_dim=128"])):
         cfg = _small(REPO / "configs" / "ablations" / f"{name}.yaml", extra)
         result = train(cfg, small_caches["train"], tmp_path / name, device="cpu", progress=False)
         assert result["step"] == 3
@@ -172,6 +178,18 @@ def test_two_ablations_train_from_one_cache_and_the_baseline_evaluates(tmp_path,
     metrics = json.loads((tmp_path / "baseline" / "metrics.json").read_text())
     results = json.loads((tmp_path / "baseline" / "coco_instances_results.json").read_text())
     assert "segm" in metrics and results and all(0.0 <= r["score"] <= 1.0 for r in results)
+    # Table 1 RoIAlign off: masks at F's stride-4 grid, pasted into the whole original image (Eq. 2)
+    from pipeline.cache import FeatureCache
+    from pipeline.inference import baseline_head, evaluate_cache
+
+    cfg = load_config(REPO / "configs" / "ablations" / "t1_roialign_off_quarter_off.yaml")
+    metrics = evaluate_cache(baseline_head(cfg, small_caches["val"]), cfg, small_caches["val"], tmp_path / "off",
+                             progress=False)
+    results = json.loads((tmp_path / "off" / "coco_instances_results.json").read_text())
+    assert "segm" in metrics and results and all(0.0 <= r["score"] <= 1.0 for r in results)
+    cache = FeatureCache.open(small_caches["val"])
+    sizes = {int(cache.image_ids[n]): cache.read(n, cfg.train.encoder_layer).orig_size for n in cache.done_indices()}
+    assert all(tuple(r["segmentation"]["size"]) == tuple(sizes[r["image_id"]]) for r in results)
     # a trainable config is not a baseline
     proc = run_cli("evaluate", "--head", "baseline", "--config", REPO / "configs" / "ablations" / "t2_convnext1.yaml",
                    "--set", "head.fuse_c1=false", "--cache", small_caches["val"], "--device", "cpu",

@@ -55,8 +55,10 @@ class HeadConfig:
             this needs ``c1_channels == hidden_dim``; the DINO Table 16 accounting is
             ``neck=False, fuse_c1=False`` (F = the encoder's own stride-4 level only).
         roi_align: Table 1's "RoIAlign" switch. ``False`` = the mask of Eq. 1 over the whole
-            image: RoIAlign at the full-image box instead of the detector's box, pasted into the
-            whole image (we sample it at R x R, the paper at F's 1/4 resolution).
+            image: ``q_i . F^T`` at F's own stride-4 grid ``[H1, W1]`` (no RoIAlign, boxes unused),
+            trained against targets at that grid and interpolated to the image when pasted (Eq. 2).
+            Nothing per box exists then, so it needs ``box_encoder_layers=0``, no
+            ``box_pos_embed``, no query layers, no ``mask_scoring`` and ``mask_head="dot_product"``.
         roi_size: RoIAlign output side R (Eq. 3, Table 10; 32).
         roi_sampling_ratio: bilinear samples per RoIAlign bin side (2 = Mask R-CNN's four
             regular sample points per bin; 0 = adaptive).
@@ -202,6 +204,16 @@ class HeadConfig:
             raise ValueError(
                 f"fuse_c1=True without a neck needs c1_channels == hidden_dim "
                 f"({self.c1_channels} != {self.hidden_dim}); set neck=True or fuse_c1=False")
+        if not self.roi_align:
+            per_box = [name for name, on in (("box_encoder_layers", self.box_encoder_layers > 0),
+                                             ("box_pos_embed", self.box_pos_embed), ("query_ffn", self.query_ffn),
+                                             ("query_b2o", self.query_b2o), ("query_o2o", self.query_o2o),
+                                             ("mask_scoring", self.mask_scoring),
+                                             ("mask_head", self.mask_head != "dot_product")) if on]
+            if per_box:
+                raise ValueError(f"roi_align=False (Eq. 1: one mask per query over F's whole grid, no RoI tokens) "
+                                 f"cannot have {per_box}: set box_encoder_layers=0, box_pos_embed/query_ffn/"
+                                 f"query_b2o/query_o2o/mask_scoring=false, mask_head=dot_product")
         if not self.oversample_ratio >= 1.0:
             raise ValueError(f"oversample_ratio must be >= 1, got {self.oversample_ratio}")
         if not 0.0 <= self.importance_sample_ratio <= 1.0:

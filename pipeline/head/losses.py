@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 
-def mask_targets_in_boxes(gt_masks: Tensor, boxes_xyxy: Tensor, size: int = 112) -> Tensor:
+def mask_targets_in_boxes(gt_masks: Tensor, boxes_xyxy: Tensor, size: int | tuple[int, int] = 112) -> Tensor:
     """Resample full-image ground-truth masks into boxes (Mask R-CNN / detectron2 ``crop_and_resize``).
 
     ``torchvision.ops.roi_align(aligned=True, sampling_ratio=0)`` of mask ``i`` at box ``i``:
@@ -25,11 +25,11 @@ def mask_targets_in_boxes(gt_masks: Tensor, boxes_xyxy: Tensor, size: int = 112)
     Args:
         gt_masks: ``[M, H, W]`` bool / uint8 / float bitmasks at ORIGINAL image resolution.
         boxes_xyxy: ``[M, 4]`` boxes in original-image pixels (x0, y0, x1, y1).
-        size: T, output side.
+        size: T, output side, or ``(rows, cols)`` (e.g. F's grid for a head without RoIAlign).
 
     Returns:
-        ``[M, T, T]`` float32 (float64 if ``boxes_xyxy`` is float64) soft targets in ``[0, 1]``,
-        box frame, row-major (y, x).
+        ``[M, T, T]`` (``[M, rows, cols]``) float32 (float64 if ``boxes_xyxy`` is float64) soft
+        targets in ``[0, 1]``, box frame, row-major (y, x).
 
     Raises:
         ValueError: if M differs between the arguments or shapes are wrong.
@@ -41,8 +41,9 @@ def mask_targets_in_boxes(gt_masks: Tensor, boxes_xyxy: Tensor, size: int = 112)
         raise ValueError(f"gt_masks has {gt_masks.shape[0]} masks, boxes_xyxy {boxes_xyxy.shape[0]} boxes")
     dtype = torch.float64 if boxes_xyxy.dtype == torch.float64 else torch.float32
     m = gt_masks.shape[0]
+    size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if m == 0:
-        return torch.zeros(0, size, size, dtype=dtype, device=gt_masks.device)
+        return torch.zeros(0, *size, dtype=dtype, device=gt_masks.device)
     rois = torch.cat((torch.arange(m, device=gt_masks.device, dtype=dtype)[:, None],
                       boxes_xyxy.to(device=gt_masks.device, dtype=dtype)), 1)
     out = roi_align(gt_masks[:, None].to(dtype), rois, output_size=size, spatial_scale=1.0,
@@ -148,6 +149,29 @@ def mask_iou(pred_masks: Tensor, target_masks: Tensor) -> Tensor:
     return inter / union.clamp(min=1)
 
 
+def _mask_groups(logits: Tensor, masks: Tensor, logit_sizes: Tensor | None, target_sizes: Tensor | None):
+    """``(rows, logits, masks)`` per grid size: one group of every row when the head gives no
+    ``mask_sizes`` (RoIAlign's ``R x R``); else the rows of each ``(H, W)`` in ``logit_sizes [M, 2]``,
+    both tensors cropped to ``[:, :H, :W]`` (a head without RoIAlign pads its per-image grids,
+    :func:`pipeline.head.model.pad_mask_grids`).
+
+    Raises:
+        ValueError: ``target_sizes`` given and different from ``logit_sizes``, or targets smaller than a grid.
+    """
+    if logit_sizes is None:
+        yield slice(None), logits, masks
+        return
+    logit_sizes = logit_sizes.to(logits.device)
+    if target_sizes is not None and not torch.equal(target_sizes.to(logits.device), logit_sizes):
+        raise ValueError("targets['mask_sizes'] differ from the head's mask_sizes: the targets were not built at "
+                         "the head's mask grid (pipeline.targets.training_targets with the head's config)")
+    for h, w in torch.unique(logit_sizes, dim=0).tolist():
+        if h > masks.shape[-2] or w > masks.shape[-1]:
+            raise ValueError(f"target masks {tuple(masks.shape[-2:])} are smaller than the head's {h} x {w} grid")
+        idx = torch.nonzero((logit_sizes == logit_sizes.new_tensor([h, w])).all(1)).flatten()
+        yield idx, logits[idx, :h, :w], masks[idx, :h, :w]
+
+
 class MaskCriterion(nn.Module):
     """Loss of the head on matched instances (Appendix A; Table 12 "samp. pixel sup." + "mask scoring").
 
@@ -156,6 +180,8 @@ class MaskCriterion(nn.Module):
     - BCE and Dice on N points per instance chosen by
       :func:`uncertain_point_coords_with_randomness` from the ``R x R`` logits; logits and the
       ``T x T`` targets are both read with :func:`point_sample` (the two grids span the same box).
+      A head without RoIAlign (Eq. 1) gives logits at F's grid of each image and its targets are
+      at that grid (``mask_sizes``); each grid size is sampled on its own, unpadded.
     - Mask IoU: the logits binarised at 0 vs the target area-resampled to ``R x R`` and
       binarised at 0.5; the target IoU is detached; squared error of the prediction for the
       instance's class (Mask Scoring R-CNN, weight 1).
@@ -198,9 +224,13 @@ class MaskCriterion(nn.Module):
         """Compute the losses.
 
         Args:
-            outputs: the head's dict: ``mask_logits [M, R, R]`` and optionally ``iou_pred [M, C]``.
+            outputs: the head's dict: ``mask_logits [M, R, R]`` and optionally ``iou_pred [M, C]``;
+                without RoIAlign ``mask_logits [M, H, W]`` padded with ``mask_sizes [M, 2]`` (each
+                box's grid; the loss reads only ``[:H_i, :W_i]``, grids of one size together).
             targets: ``masks [M, T, T]`` float in ``[0, 1]`` (from :func:`mask_targets_in_boxes`,
-                resampled into the same boxes the head used), ``labels [M]`` int64 index into
+                resampled into the same boxes the head used; without RoIAlign at the head's grid,
+                :func:`pipeline.targets.training_targets`), optional ``mask_sizes [M, 2]`` (checked
+                against the head's), ``labels [M]`` int64 index into
                 ``iou_pred``'s columns (contiguous class; needed only with ``iou_pred``), optional
                 ``num_instances`` (float normalizer, e.g. summed over a batch / processes).
             generator: RNG for point sampling, on the logits' device.
@@ -210,7 +240,8 @@ class MaskCriterion(nn.Module):
             unweighted, ``loss`` is the weighted sum (``weight_dict``).
 
         Raises:
-            ValueError: if M differs between outputs and targets or labels are out of range.
+            ValueError: if M differs between outputs and targets, labels are out of range, or the
+                targets' grid sizes differ from the head's.
         """
         logits = outputs["mask_logits"]
         dtype = torch.promote_types(logits.dtype, torch.float32)
@@ -231,28 +262,34 @@ class MaskCriterion(nn.Module):
             if iou_pred is not None:
                 losses["loss_iou"] = iou_pred.sum() * 0.0
         else:
-            if self.mask_loss == "full":
-                size = tuple(masks.shape[-2:])
-                point_logits = F.interpolate(logits[:, None], size=size, mode="bilinear",
-                                             align_corners=False)[:, 0].flatten(1)
-                point_targets = masks.flatten(1)
-            else:
-                coords = uncertain_point_coords_with_randomness(
-                    logits[:, None], self.num_points, self.oversample_ratio, self.importance_sample_ratio, generator)
-                point_logits = point_sample(logits[:, None], coords)[:, 0]
-                point_targets = point_sample(masks[:, None], coords)[:, 0]
-            losses["loss_bce"] = sigmoid_bce_loss(point_logits, point_targets, num)
-            losses["loss_dice"] = dice_loss(point_logits, point_targets, num)
+            losses["loss_bce"], losses["loss_dice"] = 0.0, 0.0
+            iou_target = logits.new_zeros(m)
+            for idx, group_logits, group_masks in _mask_groups(logits, masks, outputs.get("mask_sizes"),
+                                                               targets.get("mask_sizes")):
+                if self.mask_loss == "full":
+                    size = tuple(group_masks.shape[-2:])
+                    point_logits = F.interpolate(group_logits[:, None], size=size, mode="bilinear",
+                                                 align_corners=False)[:, 0].flatten(1)
+                    point_targets = group_masks.flatten(1)
+                else:
+                    coords = uncertain_point_coords_with_randomness(
+                        group_logits[:, None], self.num_points, self.oversample_ratio, self.importance_sample_ratio,
+                        generator)
+                    point_logits = point_sample(group_logits[:, None], coords)[:, 0]
+                    point_targets = point_sample(group_masks[:, None], coords)[:, 0]
+                losses["loss_bce"] = losses["loss_bce"] + sigmoid_bce_loss(point_logits, point_targets, num)
+                losses["loss_dice"] = losses["loss_dice"] + dice_loss(point_logits, point_targets, num)
+                if iou_pred is not None:
+                    with torch.no_grad():
+                        r = group_logits.shape[-2:]
+                        tgt = F.interpolate(group_masks[:, None], size=r, mode="area")[:, 0] >= 0.5
+                        iou_target[idx] = mask_iou(group_logits > 0, tgt).to(iou_target.dtype)
             if iou_pred is not None:
                 labels = targets["labels"].to(logits.device)
                 if labels.shape != (m,) or int(labels.min()) < 0 or int(labels.max()) >= iou_pred.shape[1]:
                     raise ValueError(f"labels must be [M={m}] in [0, {iou_pred.shape[1]}), got "
                                      f"{tuple(labels.shape)}")
-                with torch.no_grad():
-                    r = logits.shape[-2:]
-                    tgt = F.interpolate(masks[:, None], size=r, mode="area")[:, 0] >= 0.5
-                    iou_target = mask_iou(logits > 0, tgt).to(iou_pred.dtype)
                 pred = iou_pred.gather(1, labels[:, None])[:, 0]
-                losses["loss_iou"] = ((pred - iou_target) ** 2).sum() / num
+                losses["loss_iou"] = ((pred - iou_target.to(iou_pred.dtype)) ** 2).sum() / num
         losses["loss"] = sum(self.weight_dict[k] * v for k, v in losses.items())
         return losses

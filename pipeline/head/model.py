@@ -12,6 +12,12 @@ Data flow for one image (paper equations in brackets):
    -> + learned positional embedding -> for each box-encoder block: deformable block over the
    box tokens [Eq. 9], then a query layer (B2O + FFN) [Eq. 11] -> mask logits
    ``q . R^T`` [Eq. 4] -> mask scoring ``iou = MLP(Conv(Cat(M, R)))`` [Eq. 12].
+
+   With ``cfg.roi_align`` False (Table 1's "RoIAlign ✗", the training-free baseline of Eq. 1):
+   no RoIAlign; each query is dotted with every pixel of ``mapper(F)`` at F's own stride-4 grid,
+   ``M_i = q_i . F^T`` ``[H1, W1]`` per image (Eq. 1; Eq. 2's interpolation to the image is the
+   pasting in :mod:`pipeline.inference`). Images differ in ``(H1, W1)``, so a batch's logits are
+   padded (:func:`pad_mask_grids`) and returned with each box's grid size (``mask_sizes``).
 """
 
 from __future__ import annotations
@@ -34,9 +40,10 @@ from .scoring import MaskScoringHead
 class ImageFeatures(NamedTuple):
     """The fused stride-4 map ``F = c1 + interpolate(e, size)`` of one image, kept as its two terms.
 
-    Built by :meth:`MaskFrozenDetrHead.encode_image`; only RoIAlign at the boxes reads F, through
-    :func:`kernels.ops.fused_roi_align`, so the ``[D, H1, W1]`` sum is never stored (at 800x1333 it
-    would be 256 x 200 x 334 floats per image, kept for the backward pass).
+    Built by :meth:`MaskFrozenDetrHead.encode_image`; with RoIAlign only RoIAlign at the boxes reads F,
+    through :func:`kernels.ops.fused_roi_align`, so the ``[D, H1, W1]`` sum is never stored (at 800x1333
+    it would be 256 x 200 x 334 floats per image, kept for the backward pass). Without RoIAlign
+    (``cfg.roi_align`` False, Eq. 1) the head materialises it once per image.
 
     Attributes:
         c1: ``[D, H1, W1]`` ``Neck(C1)`` (or C1 itself without a neck), or None when the head does not
@@ -60,11 +67,20 @@ class ImageFeatures(NamedTuple):
         return out if self.c1 is None else out + self.c1
 
 
+#: Logit written where :func:`pad_mask_grids` pads a smaller grid: sigmoid gives exactly 0 in
+#: float32 / bfloat16 / float16, so padded cells are background for every reader, and it stays finite.
+MASK_PAD_LOGIT = -1e4
+
+
 class DotProductMaskHead(nn.Module):
-    """Eq. 4: mask logits = ``q_i . R_i^T`` (no parameters; Table 14 "dot product")."""
+    """Eq. 4: mask logits = ``q_i . R_i^T`` (no parameters; Table 14 "dot product"); with one map
+    shared by all queries, Eq. 1's ``q_i . F^T``."""
 
     def forward(self, box_tokens: Tensor, query: Tensor) -> Tensor:
-        """``box_tokens [M, N, h]``, ``query [M, h]`` -> ``[M, N]`` logits."""
+        """``box_tokens [M, N, h]`` (each box its own tokens, Eq. 4) or ``[N, h]`` (one map for every
+        box, Eq. 1), ``query [M, h]`` -> ``[M, N]`` logits, dtype of the inputs."""
+        if box_tokens.dim() == 2:
+            return query @ box_tokens.transpose(0, 1)
         return torch.einsum("mnc,mc->mn", box_tokens, query)
 
 
@@ -232,17 +248,41 @@ class MaskFrozenDetrHead(nn.Module):
 
     def _empty_outputs(self, ref: Tensor) -> dict[str, Tensor]:
         r = self.cfg.roi_size
+        if not self.cfg.roi_align:
+            return {"mask_logits": ref.new_zeros((0, 0, 0), dtype=self.dtype),
+                    "mask_sizes": torch.zeros((0, 2), dtype=torch.int64, device=ref.device)}
         out = {"mask_logits": ref.new_zeros((0, r, r), dtype=self.dtype)}
         if self.mask_scoring is not None:
             out["iou_pred"] = ref.new_zeros((0, self.cfg.num_score_classes), dtype=self.dtype)
         return out
 
+    def _image_masks(self, features: list[ImageFeatures], queries: Tensor, batch_index: Tensor) -> dict[str, Tensor]:
+        """Eq. 1 without RoIAlign: ``q_i . mapper(F)^T`` at F's grid of each box's image (see :meth:`forward`)."""
+        order, parts = [], []
+        for b in torch.unique(batch_index).tolist():
+            idx = torch.nonzero(batch_index == b).flatten()
+            feat = features[b]
+            fmap = self._map_channels(feat.materialize().to(device=self.device, dtype=self.dtype), bias=True)
+            logits = self.mask_head(fmap.flatten(1).transpose(0, 1), self.query_proj(queries[idx]))  # [n, H1*W1]
+            order.append(idx)
+            parts.append(logits.view(-1, *feat.size))
+        padded, sizes = pad_mask_grids(parts)
+        inverse = torch.argsort(torch.cat(order))
+        return {"mask_logits": padded[inverse], "mask_sizes": sizes[inverse]}
+
     def forward(self, features: list[Tensor], queries: Tensor, boxes: Tensor, image_sizes: Tensor,
                 batch_index: Tensor) -> dict[str, Tensor]:
-        """Mask logits (box frame) and per-class mask IoU for M boxes from B images.
+        """Mask logits (box frame, or F's grid without RoIAlign) and per-class mask IoU for M boxes from B images.
 
         Boxes are given flattened with a batch index (as RoIAlign), so images may have different
         numbers of boxes; each image is processed on its own.
+
+        Without RoIAlign (``cfg.roi_align`` False; Table 1 "RoIAlign ✗", paper Eq. 1) the boxes are
+        not used: the logits of a box of image b are ``q . mapper(F_b)^T`` at F_b's own grid
+        ``[H1_b, W1_b]`` (C1's size, spanning the resized image), where ``q = query_proj(query)``.
+        Images of a batch have different grids, so ``mask_logits`` is ``[M, max H1, max W1]``
+        (each box's ``[H1_b, W1_b]`` at the top-left, :data:`MASK_PAD_LOGIT` elsewhere) and
+        ``mask_sizes [M, 2]`` int64 gives ``(H1_b, W1_b)``; :func:`unpad_mask_logits` crops one image's.
 
         Args:
             features: B :class:`ImageFeatures` from :meth:`encode_image` (sizes may differ).
@@ -257,7 +297,9 @@ class MaskFrozenDetrHead(nn.Module):
 
         Returns:
             dict with ``mask_logits [M, R, R]`` (pre-sigmoid, box frame, row-major y/x) and, with
-            mask scoring, ``iou_pred [M, num_score_classes]``. M = 0 gives empty tensors.
+            mask scoring, ``iou_pred [M, num_score_classes]``; without RoIAlign ``mask_logits
+            [M, max H1, max W1]`` (F's grid, padded) and ``mask_sizes [M, 2]`` instead. M = 0 gives
+            empty tensors.
 
         Raises:
             ValueError: on inconsistent shapes or a batch index out of range.
@@ -278,6 +320,8 @@ class MaskFrozenDetrHead(nn.Module):
         boxes = boxes.to(device=device, dtype=dtype)
         batch_index = batch_index.to(device)
         image_sizes = image_sizes.to(device=device, dtype=dtype)
+        if not self.cfg.roi_align:
+            return self._image_masks(features, queries, batch_index)
 
         r = self.cfg.roi_size
         geometry = self.box_encoder.geometry(dtype, device)
@@ -314,14 +358,60 @@ class MaskFrozenDetrHead(nn.Module):
 
 
 def mask_frame_boxes(cfg: HeadConfig, boxes: Tensor) -> Tensor:
-    """The boxes the head's ``R x R`` masks span: ``boxes`` (cxcywh normalized, ``[M, 4]``), or
-    the whole image ``(0.5, 0.5, 1, 1)`` for every box when ``cfg.roi_align`` is False (Table 1's
-    "RoIAlign off": the mask of Eq. 1 covers the image). Training targets, the head's RoIAlign
-    and the pasting at inference all use these boxes, so the three always agree.
+    """The boxes the head's masks span: ``boxes`` (cxcywh normalized, ``[M, 4]``; the ``R x R``
+    RoIAlign grid), or the whole image ``(0.5, 0.5, 1, 1)`` for every box when ``cfg.roi_align``
+    is False (Table 1's "RoIAlign ✗": Eq. 1's mask at F's grid covers the image). Training
+    targets (:mod:`pipeline.targets`), the head's RoIAlign and the pasting at inference
+    (:mod:`pipeline.inference`) all use these boxes, so the three always agree.
     """
     if cfg.roi_align:
         return boxes
     return boxes.new_tensor([0.5, 0.5, 1.0, 1.0]).expand_as(boxes).clone()
+
+
+def mask_grid_size(cfg: HeadConfig, c1_size: tuple[int, int]) -> tuple[int, int]:
+    """``(rows, cols)`` of the training targets of one image's masks: ``(T, T)`` (``cfg.target_size``,
+    resampled into each box) with RoIAlign, F's own grid ``c1_size = (H1, W1)`` without it (Eq. 1)."""
+    if cfg.roi_align:
+        return cfg.target_size, cfg.target_size
+    return int(c1_size[0]), int(c1_size[1])
+
+
+def pad_mask_grids(parts: list[Tensor], value: float = MASK_PAD_LOGIT) -> tuple[Tensor, Tensor]:
+    """Stack per-image mask grids of different sizes into one padded tensor.
+
+    Args:
+        parts: tensors ``[n_b, H_b, W_b]`` (one per image, same dtype and device; at least one).
+        value: fill of the padded cells (:data:`MASK_PAD_LOGIT` for logits, 0 for targets).
+
+    Returns:
+        ``(padded [sum n_b, max H_b, max W_b], sizes [sum n_b, 2] int64 (H_b, W_b))``, image b's
+        grid at the top-left of its rows.
+
+    Raises:
+        ValueError: no parts, or a part that is not 3-d.
+    """
+    if not parts or any(p.dim() != 3 for p in parts):
+        raise ValueError(f"need one or more [n, H, W] mask grids, got shapes {[tuple(p.shape) for p in parts]}")
+    hmax, wmax = max(p.shape[1] for p in parts), max(p.shape[2] for p in parts)
+    padded = torch.cat([F.pad(p, (0, wmax - p.shape[2], 0, hmax - p.shape[1]), value=value) for p in parts])
+    sizes = torch.cat([torch.tensor([p.shape[1:]], dtype=torch.int64).expand(p.shape[0], 2) for p in parts])
+    return padded, sizes.to(padded.device)
+
+
+def unpad_mask_logits(mask_logits: Tensor, mask_sizes: Tensor | None) -> Tensor:
+    """One image's masks without padding: ``mask_logits [n, H, W]`` cropped to ``mask_sizes [n, 2]``
+    (all rows equal: one image's grid). ``mask_sizes`` None or ``n = 0``: unchanged.
+
+    Raises:
+        ValueError: rows of ``mask_sizes`` that differ (masks of more than one image).
+    """
+    if mask_sizes is None or mask_sizes.shape[0] == 0:
+        return mask_logits
+    if bool((mask_sizes != mask_sizes[0]).any()):
+        raise ValueError(f"unpad_mask_logits takes one image's masks; got grids {mask_sizes.unique(dim=0).tolist()}")
+    h, w = mask_sizes[0].tolist()
+    return mask_logits[:, :h, :w]
 
 
 def count_parameters(head: nn.Module, trainable_only: bool = True) -> int:

@@ -37,7 +37,8 @@ def postprocess(logits: Tensor, boxes: Tensor, mask_logits: Tensor, iou_pred: Te
     Args:
         logits: ``[K, C]`` pre-sigmoid class logits (C = 91 for DINO; column = COCO category id).
         boxes: ``[K, 4]`` cxcywh normalized.
-        mask_logits: ``[K, R, R]`` head mask logits (box frame).
+        mask_logits: ``[K, R, R]`` head mask logits (box frame; ``[K, H1, W1]`` at F's grid for a
+            head without RoIAlign, any size works).
         iou_pred: ``[K, num_score_classes]`` head IoU prediction (contiguous class index) or None.
         column_to_contiguous: ``[C]`` int64, contiguous class of each column, -1 for dummy columns.
         top_n: detections to keep.

@@ -149,3 +149,24 @@ def test_full_mask_loss_is_bce_and_dice_over_every_target_pixel():
     assert torch.allclose(out["loss"], 5 * out["loss_bce"] + 5 * out["loss_dice"])
     with pytest.raises(ValueError, match="mask_loss"):
         MaskCriterion(mask_loss="dense")
+
+
+def test_criterion_on_padded_grids_of_different_sizes():
+    """A head without RoIAlign gives each image's logits at F's grid, padded (``mask_sizes``): the loss
+    reads each grid unpadded, so it equals the sum of the per-grid losses."""
+    g = torch.Generator().manual_seed(0)
+    small, large = torch.randn(2, 5, 7, generator=g, dtype=torch.float64), torch.randn(1, 6, 4, generator=g,
+                                                                                    dtype=torch.float64)
+    t_small, t_large = (torch.rand(2, 5, 7, generator=g) > 0.5).double(), (torch.rand(1, 6, 4, generator=g) > 0.5).double()
+    from pipeline.head.model import pad_mask_grids
+
+    logits, sizes = pad_mask_grids([small, large])
+    masks, t_sizes = pad_mask_grids([t_small, t_large], value=0.0)
+    assert logits.shape == (3, 6, 7) and sizes.tolist() == [[5, 7], [5, 7], [6, 4]] and torch.equal(sizes, t_sizes)
+    crit = MaskCriterion(iou_weight=0.0, mask_loss="full")
+    out = crit({"mask_logits": logits, "mask_sizes": sizes}, {"masks": masks, "mask_sizes": t_sizes})
+    want = sum(crit({"mask_logits": lg}, {"masks": tg, "num_instances": 3})["loss"]
+               for lg, tg in ((small, t_small), (large, t_large)))
+    torch.testing.assert_close(out["loss"], want)
+    with pytest.raises(ValueError, match="mask_sizes"):
+        crit({"mask_logits": logits, "mask_sizes": sizes}, {"masks": masks, "mask_sizes": t_sizes.flip(0)})

@@ -246,3 +246,51 @@ def test_torch_compiled_head_step(impl):
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_without_roi_align_logits_are_q_dot_f_at_fs_own_grid():
+    """Table 1 "RoIAlign ✗" (paper Eq. 1): each box's logits are ``query_proj(q) . mapper(F)^T`` at F's
+    own stride-4 grid of its image (C1's size, non-square, one per image), padded across the batch."""
+    import torch.nn.functional as F
+
+    from pipeline.head.model import MASK_PAD_LOGIT, unpad_mask_logits
+    from pipeline.layers.deformable import level_start_index_of
+
+    from ._synthetic import HDETR_R50_WIDTHS
+
+    cfg = {**HDETR_R50_WIDTHS, "image_encoder_layers": 0, "neck": False, "fuse_c1": True, "box_dim": 128,
+           "box_encoder_layers": 0, "box_pos_embed": False, "query_ffn": False, "query_b2o": False,
+           "mask_scoring": False, "roi_align": False}
+    torch.manual_seed(0)
+    head = build_head(HeadConfig.from_dict(cfg))[0].double().eval()
+    images = []
+    for i, (h, w) in enumerate([(44, 76), (60, 36)]):  # H-DETR: 4 encoder levels at strides 8-64, C1 at stride 4
+        tokens, shapes, _, c1 = fake_image(h, w, levels=5, c1_channels=256, seed=i)
+        shapes = shapes[1:]
+        images.append((tokens[-int(shapes.prod(1).sum()):], shapes, level_start_index_of(shapes), c1))
+    feats = [head.encode_image(*im) for im in images]
+    bi = torch.tensor([1, 0, 1, 1, 0])
+    q = torch.randn(5, 256, dtype=torch.float64)
+    out = head(feats, q, random_boxes(5, dtype=torch.float64), torch.tensor([[44.0, 76.0], [60.0, 36.0]]), bi)
+    (h0, w0), (h1, w1) = (11, 19), (15, 9)
+    assert feats[0].size == (h0, w0) and feats[1].size == (h1, w1)
+    assert out["mask_logits"].shape == (5, 15, 19) and out["mask_logits"].dtype == torch.float64
+    assert out["mask_sizes"].tolist() == [[h1, w1], [h0, w0], [h1, w1], [h1, w1], [h0, w0]]
+    # image 1, computed directly from the cached tensors: F = C1 + bilinear(E_finest) [Eq. 1]
+    tokens, shapes, _, c1 = images[1]
+    hf, wf = shapes[0].tolist()
+    e = tokens[:hf * wf].double().t().reshape(256, hf, wf)
+    f_map = c1.double() + F.interpolate(e[None], size=(h1, w1), mode="bilinear", align_corners=False)[0]
+    mapper, proj = head.channel_mapper, head.query_proj
+    mapped = torch.einsum("hd,dyx->hyx", mapper.weight, f_map) + mapper.bias[:, None, None]
+    want = torch.einsum("mh,hyx->myx", q[bi == 1] @ proj.weight.t() + proj.bias, mapped)
+    got = unpad_mask_logits(out["mask_logits"][bi == 1], out["mask_sizes"][bi == 1])
+    assert got.shape == (3, h1, w1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert (out["mask_logits"][bi == 1][:, :, w1:] == MASK_PAD_LOGIT).all()
+    assert (out["mask_logits"][bi == 1][:, h1:] == MASK_PAD_LOGIT).all()
+    empty = head(feats, q[:0], random_boxes(0), torch.tensor([[44.0, 76.0], [60.0, 36.0]]), bi[:0])
+    assert empty["mask_logits"].shape == (0, 0, 0) and empty["mask_sizes"].shape == (0, 2)
+    # nothing per box exists without RoIAlign: RoI-token components are refused by name
+    with pytest.raises(ValueError, match="box_encoder_layers"):
+        HeadConfig.from_dict({**cfg, "box_encoder_layers": 1})
