@@ -29,7 +29,7 @@ Two conventions (:data:`CONVENTIONS`):
   tracer cannot see, so it counts 0 (``mfdetr.ms_deform_attn`` and the ``grid_sampler_2d`` of its
   reference count 0 here). With that, Tables 2-16 are matched within 3 % (README); counting the
   sampling puts every deformable layer ~2.6 % above the paper. RoIAlign is counted (Table 1's
-  RoIAlign rows, 0.53 / 0.54 G, are almost all RoIAlign: the dot products are 0.03 G).
+  RoIAlign-on rows, 0.53 / 0.54 G, are almost all RoIAlign: the dot products are 0.03 G).
 - ``"all"``: every formula above (the physical multiply-adds, kernel-independent).
 
 Under ``"paper"`` the count is kernel-independent when the compiled ``mfdetr`` kernels are built

@@ -68,7 +68,8 @@ def head_cost(cfg: HeadConfig, spatial_shapes: torch.Tensor | None, c1_size: tup
     Returns:
         ``{"params": int, "params_delta_M": float, "modules": {name: params},
         "flops_delta_G": float | None, "flops_by_module_G": {name: float} | None (the head's
-        components, plus ``"roi_align"``: RoIAlign and the channel mapper before it),
+        components, plus ``"roi_align"``: RoIAlign and the channel mapper before it; without
+        RoIAlign, Eq. 1, the mapper on F is ``"channel_mapper"`` and the dot products ``"mask_head"``),
         "num_boxes", "image_size", "spatial_shapes", "c1_size"}``.
 
     Raises:
@@ -115,8 +116,9 @@ def head_cost(cfg: HeadConfig, spatial_shapes: torch.Tensor | None, c1_size: tup
                 continue  # counted in an enclosing path
             by_module[parts[1]] = by_module.get(parts[1], 0.0) + gflops
     out["flops_by_module_G"] = {k: by_module[k] for k in head.COMPONENTS if by_module.get(k)}
-    # what the head's forward runs itself: RoIAlign (and the channel mapper, applied before it)
+    # what the head's forward runs itself: RoIAlign (and the channel mapper, applied before it), or
+    # without RoIAlign the channel mapper on F only
     inside = per.get(head_name, 0.0) - sum(v for k, v in by_module.items() if k not in top.values())
     if inside > 1e-9:
-        out["flops_by_module_G"]["roi_align"] = inside
+        out["flops_by_module_G"]["roi_align" if cfg.roi_align else "channel_mapper"] = inside
     return out
