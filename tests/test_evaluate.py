@@ -146,6 +146,40 @@ def test_paste_of_roi_align_keeps_iou(coco_val):
     assert checked >= 10
 
 
+def test_without_roi_align_targets_at_fs_grid_paste_back_to_the_gt(coco_val):
+    """Table 1 "RoIAlign ✗": ground truth resampled at F's stride-4 grid of the resized image (the
+    targets of pipeline.targets) and pasted into the whole original image (Eq. 2, as evaluate does)
+    gives the ground-truth mask back."""
+    from pipeline.batches import to_xyxy_pixels
+    from pipeline.head import HeadConfig
+    from pipeline.head.losses import mask_targets_in_boxes
+    from pipeline.head.model import mask_frame_boxes, mask_grid_size
+
+    cfg = HeadConfig.from_dict({"roi_align": False, "box_encoder_layers": 0, "box_pos_embed": False,
+                                "query_ffn": False, "query_b2o": False, "mask_scoring": False})
+    checked = 0
+    for image_id in select_image_ids(coco_val)[:8]:
+        info = coco_val.imgs[image_id]
+        H, W = info["height"], info["width"]
+        anns = [a for a in coco_val.loadAnns(coco_val.getAnnIds(imgIds=[image_id]))
+                if not a["iscrowd"] and min(a["bbox"][2], a["bbox"][3]) >= 32]
+        if not anns:
+            continue
+        gt = torch.from_numpy(np.stack([coco_val.annToMask(a) for a in anns])).float()
+        scale = min(800 / min(H, W), 1333 / max(H, W))  # the detectors' test resize; C1 is its stride-4 map
+        c1_size = (-(-round(H * scale) // 4), -(-round(W * scale) // 4))
+        boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2]]).expand(len(anns), 4)  # any box: the mask spans the image
+        frame = to_xyxy_pixels(mask_frame_boxes(cfg, boxes), H, W)
+        targets = mask_targets_in_boxes(gt, frame, mask_grid_size(cfg, c1_size))
+        assert targets.shape == (len(anns), *c1_size)
+        pasted = paste_masks(targets, frame, H, W)
+        gtb = gt.bool()
+        iou = (pasted & gtb).flatten(1).sum(1).float() / (pasted | gtb).flatten(1).sum(1).float()
+        assert (iou >= 0.9).all(), f"image {image_id}: IoU {iou.tolist()}"
+        checked += len(anns)
+    assert checked >= 10
+
+
 # ------------------------------------------------------------------------------- records
 
 
