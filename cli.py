@@ -273,6 +273,10 @@ def cache_info(store, as_json):
     click.echo(f"{info['path']}  (format {info['format_version']})")
     click.echo(f"detector {info['detector']}  checkpoint {info['checkpoint_sha256']}"
                + ("  RANDOM-INIT" if info["random_init"] else ""))
+    if info.get("finetuned"):
+        ft, src = info["finetuned"], info.get("finetuned_from") or {}
+        click.echo(f"fine-tuned detector ({ft['finetune']}, sha256 {ft['detector_sha256'][:12]}...) from "
+                   f"{src.get('checkpoint')} step {src.get('step')}")
     pre = info["preprocessing"] or {}
     click.echo(f"preprocessing {pre.get('min_size')}/{pre.get('max_size')}  top_k {st['top_k']}  "
                f"encoder layers {st['encoder_layers']}  levels {st['levels']}  widths {st['feature_widths']}")

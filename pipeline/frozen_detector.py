@@ -137,7 +137,7 @@ def load_finetuned(detector: torch.nn.Module, path: str | Path, detector_name: s
                          "original detector's features")
     fp = ckpt.get("fingerprint", {})
     found = {"detector": detector_name, "detector_config": detector.config(), "checkpoint_sha256": checkpoint_sha}
-    diffs = [f"{k}: the run has {fp.get(k)!r}, this extract {v!r}" for k, v in found.items() if fp.get(k) != v]
+    diffs = [f"{k}: the run has {fp.get(k)!r}, here {v!r}" for k, v in found.items() if fp.get(k) != v]
     if diffs:
         raise ValueError(f"--finetuned {path}: the run fine-tuned another detector ({'; '.join(diffs)}); pass the "
                          "--detector, --preset and --weights (or --random-init --seed) its run started from")

@@ -117,7 +117,7 @@ def test_finetuned_run_is_evaluated_on_its_own_detectors_features(partial_run, t
     ft, orig = FeatureCache.open(tmp_path / "val_ft.zarr"), FeatureCache.open(tmp_path / "val.zarr")
     assert ft.fingerprint["finetuned"] == ckpt["fingerprint"]["finetuned"]
     assert ft.fingerprint["finetuned_from"] == {"checkpoint": str(Path(head_pt).resolve()), "step": 1}
-    assert "finetuned" not in orig.fingerprint
+    assert "finetuned" not in orig.fingerprint and ft.info()["finetuned"] == ckpt["fingerprint"]["finetuned"]
     # the loaded parameters took effect: other features than the original detector's ...
     a, b = ft.read(0, 4), orig.read(0, 4)
     assert a.image_id == b.image_id and not torch.allclose(a.queries, b.queries, atol=1e-3)
