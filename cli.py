@@ -121,6 +121,66 @@ def _int_list(ctx, param, value):
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
+def _views(ctx, param, value):
+    """``--views orig,hflip,...`` -> ``["orig", "hflip", ...]`` (None when not given; checked by
+    :func:`pipeline.views.parse_views`)."""
+    if value is None or value == "":
+        return None
+    return [v.strip() for v in str(value).split(",")]
+
+
+def dataset_options(online: bool = False):
+    """The options naming the images a detector runs on and what of its output is kept (the dataset
+    and preprocessing fields of ``ExtractOptions``): ``--coco-root --split --image-dir --image-ids
+    --max-images --min-size --max-size --encoder-layers --top-k --levels --views``.
+
+    ``extract`` takes them as they are; ``train-head`` (``online=True``) for ``--online``, where the
+    same fields feed the detector in the training loop (help texts prefixed ``--online:``).
+    ``--ann-file`` is each command's own (train-head's also names moved annotations of a cache).
+    """
+    pre = "--online: " if online else ""
+    verb = "train on" if online else "extract"
+    kept = "offered (as a cache would store them)" if online else "to store"
+    options = [
+        click.option("--coco-root", type=click.Path(file_okay=False, path_type=Path),
+                     help=f"{pre}COCO root with annotations/instances_<split>.json and <split>/ images."),
+        click.option("--split", help=f"{pre}Split name under --coco-root, e.g. train2017, val2017."),
+        click.option("--image-dir", type=click.Path(file_okay=False, path_type=Path),
+                     help=f"{pre}Image folder of --ann-file (instead of --coco-root/--split)."),
+        click.option("--image-ids", callback=_int_list,
+                     help=f"{pre}Comma-separated image ids to {verb} (default: all)."),
+        click.option("--max-images", type=int,
+                     help=f"{pre}Only the first N images (in annotation-file order of ids)."),
+        click.option("--min-size", default=800, show_default=True, help=f"{pre}Test-time resize: shorter side, pixels."),
+        click.option("--max-size", default=1333, show_default=True,
+                     help=f"{pre}Test-time resize: cap on the longer side, pixels."),
+        click.option("--encoder-layers", default="4", show_default=True, callback=_int_list,
+                     help=f"{pre}Encoder layers {kept}, counted from 1 (6 = the memory the decoder reads); "
+                          "comma-separated" + ("; recorded in the fingerprint, must include train.encoder_layer."
+                                               if online else ".")),
+        click.option("--top-k", default=100, show_default=True,
+                     help=f"{pre}Queries kept per image, by best class score (<= the detector's queries: 900 DINO, "
+                          "300 H-DETR)."),
+        click.option("--levels", callback=_int_list, default=None,
+                     help=f"{pre}Encoder levels kept, comma-separated indices (0 = finest; default all). A head "
+                          "trained on them uses these levels only."),
+        click.option("--views", callback=_views, default=None,
+                     help=f"{pre}Augmented views per image, comma-separated (default: orig): orig, hflip, short<S>, "
+                          "scale<F>, '+'-joined (hflip+short640), or lsj (a set of scale/crop/flip views). "
+                          + ("Live augmentation: one view per image per epoch, drawn as from a cache extracted with "
+                             "these views." if online else
+                             "train-head draws one view per image per epoch. Each view costs about one image's disk "
+                             "(README: Augmented views).")),
+    ]
+
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose):
@@ -139,20 +199,14 @@ def main(verbose):
 # ----------------------------------------------------------------------------------- extract
 @main.command()
 @detector_options
-@click.option("--coco-root", type=click.Path(file_okay=False, path_type=Path),
-              help="COCO root with annotations/instances_<split>.json and <split>/ images.")
-@click.option("--split", help="Split name under --coco-root, e.g. train2017, val2017.")
+@click.option("--finetuned", type=click.Path(dir_okay=False, path_type=Path),
+              help="A run's head.pt (or checkpoint.pt) from train-head --online --finetune partial|full: load its "
+                   "fine-tuned detector parameters over --weights (the official file the run started from), so "
+                   "`evaluate --checkpoint` that head reads its own detector's features (README: Evaluating a "
+                   "fine-tuned run). Recorded in the cache's fingerprint.")
+@dataset_options()
 @click.option("--ann-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Annotation json (instead of --coco-root/--split).")
-@click.option("--image-dir", type=click.Path(file_okay=False, path_type=Path), help="Image folder for --ann-file.")
-@click.option("--image-ids", callback=_int_list, help="Comma-separated image ids to extract (default: all).")
-@click.option("--max-images", type=int, help="Extract only the first N images (in annotation-file order of ids).")
-@click.option("--min-size", default=800, show_default=True, help="Test-time resize: shorter side, pixels.")
-@click.option("--max-size", default=1333, show_default=True, help="Test-time resize: cap on the longer side, pixels.")
-@click.option("--encoder-layers", default="4", show_default=True, callback=_int_list,
-              help="Encoder layers to store, counted from 1 (6 = the memory the decoder reads); comma-separated.")
-@click.option("--top-k", default=100, show_default=True,
-              help="Queries kept per image, by best class score (<= the detector's queries: 900 DINO, 300 H-DETR).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32", "int8"]), default="float16",
               show_default=True, help="Stored feature dtype; int8 = per-row scales, about half of float16 "
               "(README: Cache size), read back as float32.")
@@ -161,9 +215,6 @@ def main(verbose):
 @click.option("--codec", default="auto", show_default=True,
               help="Blosc codec of the feature arrays: auto (measured per array) or zstd-bitshuffle, zstd-shuffle, "
               "zstd-noshuffle, lz4-bitshuffle, lz4-shuffle, lz4-noshuffle.")
-@click.option("--levels", callback=_int_list, default=None,
-              help="Encoder levels to store, comma-separated indices (0 = finest; default all). A head trained on "
-              "such a cache uses these levels only.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
 @click.option("--workers", default=1, show_default=True,
               help="Worker processes of a dask.distributed LocalCluster (with --device cuda, worker r uses cuda:r); "
@@ -181,10 +232,6 @@ def main(verbose):
 @click.option("--skip-bad-images", is_flag=True,
               help="Record unreadable images in the store's skipped list and go on (default: stop with an error).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out instead of resuming it.")
-@click.option("--views", callback=lambda ctx, p, v: v.split(",") if v else None, default=None,
-              help="Augmented views stored per image, comma-separated (default: orig): orig, hflip, short<S>, "
-              "scale<F>, '+'-joined (hflip+short640), or lsj (a set of scale/crop/flip views). train-head draws one "
-              "view per image per epoch. Each view costs about one image's disk (README: Augmented views).")
 @click.option("--out", required=True, type=STORE,
               help="Output .zarr store: a local path or an fsspec URL (s3://bucket/train.zarr with the [s3] extra).")
 @impl_option
@@ -226,6 +273,10 @@ def cache_info(store, as_json):
     click.echo(f"{info['path']}  (format {info['format_version']})")
     click.echo(f"detector {info['detector']}  checkpoint {info['checkpoint_sha256']}"
                + ("  RANDOM-INIT" if info["random_init"] else ""))
+    if info.get("finetuned"):
+        ft, src = info["finetuned"], info.get("finetuned_from") or {}
+        click.echo(f"fine-tuned detector ({ft['finetune']}, sha256 {ft['detector_sha256'][:12]}...) from "
+                   f"{src.get('checkpoint')} step {src.get('step')}")
     pre = info["preprocessing"] or {}
     click.echo(f"preprocessing {pre.get('min_size')}/{pre.get('max_size')}  top_k {st['top_k']}  "
                f"encoder layers {st['encoder_layers']}  levels {st['levels']}  widths {st['feature_widths']}")
@@ -304,20 +355,7 @@ def check_weights(detector, preset, weights):
               help="--online: none = frozen detector (inference_mode); partial = also train its Transformer "
                    "encoder + decoder; full = the whole detector (Table 11), at 1/10 of the head's lr.")
 @detector_options
-@click.option("--coco-root", type=click.Path(file_okay=False, path_type=Path), help="--online: as extract --coco-root.")
-@click.option("--split", help="--online: as extract --split (e.g. train2017).")
-@click.option("--image-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="--online: image folder of --ann-file (instead of --coco-root/--split).")
-@click.option("--image-ids", callback=_int_list, help="--online: as extract --image-ids.")
-@click.option("--max-images", type=int, help="--online: as extract --max-images.")
-@click.option("--min-size", default=800, show_default=True, help="--online: as extract --min-size.")
-@click.option("--max-size", default=1333, show_default=True, help="--online: as extract --max-size.")
-@click.option("--encoder-layers", default="4", show_default=True, callback=_int_list,
-              help="--online: as extract --encoder-layers (recorded in the fingerprint; must include train.encoder_layer).")
-@click.option("--top-k", default=100, show_default=True, help="--online: as extract --top-k.")
-@click.option("--levels", callback=_int_list, default=None, help="--online: as extract --levels.")
-@click.option("--views", callback=lambda ctx, p, v: v.split(",") if v else None, default=None,
-              help="--online: live augmentation, one of these views per image per epoch (as extract --views).")
+@dataset_options(online=True)
 @impl_option
 @friendly_errors
 def train_head(cache, val_cache, config_path, overrides, epochs, max_iters, batch_size, boxes, mask_fraction,

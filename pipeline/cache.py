@@ -111,8 +111,11 @@ warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr 
 DONE, PENDING, SKIPPED = 1, 0, 2
 
 # Fields of the fingerprint that must agree for two caches to be used together (train/val,
-# or a head trained on one cache applied to another).
-COMPATIBILITY_KEYS = ("detector", "detector_config", "checkpoint_sha256", "preprocessing",
+# or a head trained on one cache applied to another). ``finetuned`` (absent = the original
+# weights) names a detector fine-tuned by ``train-head --online --finetune`` (paper Table 11):
+# ``extract --finetuned RUN/head.pt`` records it, :func:`pipeline.checkpoint.load_checkpoint`
+# derives it from a run's fine-tuned parameters.
+COMPATIBILITY_KEYS = ("detector", "detector_config", "checkpoint_sha256", "finetuned", "preprocessing",
                       "encoder_layers", "top_k", "levels")
 
 
@@ -326,13 +329,19 @@ def _aligned_offsets(rows: Iterable[int], chunk_rows: int) -> np.ndarray:
     return np.asarray(offsets, dtype=np.int64)
 
 
+FINETUNED_HINT = (" (a head whose run fine-tuned the detector reads only features of that fine-tuned detector: "
+                  "extract them with `cli.py extract ... --weights OFFICIAL.pth --finetuned RUN/head.pt`; a head "
+                  "of the original detector reads a cache extracted without --finetuned)")
+
+
 def fingerprint_diff(expected: dict, found: dict, keys: Iterable[str] = COMPATIBILITY_KEYS) -> list[str]:
     """Human-readable differences between two fingerprints on ``keys`` (empty = compatible)."""
     diffs = []
     for k in keys:
         a, b = expected.get(k), found.get(k)
         if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
-            diffs.append(f"{k}: expected {json.dumps(a, sort_keys=True)}, cache has {json.dumps(b, sort_keys=True)}")
+            diffs.append(f"{k}: expected {json.dumps(a, sort_keys=True)}, cache has {json.dumps(b, sort_keys=True)}"
+                         + (FINETUNED_HINT if k == "finetuned" else ""))
     return diffs
 
 
@@ -814,7 +823,8 @@ class FeatureCache:
 
         Returns a JSON-serialisable dict: ``path``, ``format_version``, ``storage`` (``dtype``,
         ``keep_bits``, ``codec``, ``levels``, ``encoder_layers``, ``top_k``, ``feature_widths``),
-        ``detector``, ``checkpoint_sha256``, ``random_init``, ``preprocessing``, ``images``,
+        ``detector``, ``checkpoint_sha256``, ``finetuned`` / ``finetuned_from`` (None unless
+        extracted with ``--finetuned``), ``random_init``, ``preprocessing``, ``images``,
         ``done``, ``pending``, ``skipped`` (``{image_id: reason}``), ``arrays`` (per array path:
         ``dtype``, ``shape``, ``chunks``, ``codecs``, ``stored_bytes`` on disk, ``data_bytes``
         uncompressed bytes of the rows images use, ``ratio`` = data / stored), ``disk_bytes``
@@ -857,6 +867,7 @@ class FeatureCache:
                         "levels": fp.get("levels"), "encoder_layers": self.encoder_layers, "top_k": fp.get("top_k"),
                         "feature_widths": fp.get("feature_widths")},
             "detector": fp.get("detector"), "checkpoint_sha256": fp.get("checkpoint_sha256"),
+            "finetuned": fp.get("finetuned"), "finetuned_from": fp.get("finetuned_from"),
             "random_init": fp.get("random_init"), "preprocessing": fp.get("preprocessing"),
             "images": len(self), "done": n_done, "pending": int((status == PENDING).sum()),
             "skipped": self.skipped, "arrays": arrays, "disk_bytes": disk,

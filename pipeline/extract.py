@@ -84,7 +84,8 @@ class ExtractOptions(DetectorOptions):
 
 
 def make_fingerprint(opts: ExtractOptions, detector, checkpoint_sha: str, ann_file: Path) -> dict:
-    """Everything that determines the cached values (the cache's identity)."""
+    """Everything that determines the cached values (the cache's identity); with ``--finetuned``
+    also ``finetuned`` / ``finetuned_from`` (:func:`pipeline.frozen_detector.load_finetuned`)."""
     return {
         "detector": opts.detector,
         "detector_config": detector.config(),
@@ -106,6 +107,7 @@ def make_fingerprint(opts: ExtractOptions, detector, checkpoint_sha: str, ann_fi
         "ann_file": str(Path(ann_file).resolve()),
         "ann_sha256": file_sha256(Path(ann_file)),
         **({"views": views} if (views := parse_views(opts.views)) != ["orig"] else {}),
+        **(getattr(detector, "finetuned_fingerprint", None) or {}),  # extract --finetuned (frozen_detector.py)
     }
 
 
@@ -340,7 +342,7 @@ def _extract_unit(opts: ExtractOptions, indices: list[int], threads: int | None)
         except (ValueError, TypeError):
             device = "cuda"
     opts = dataclasses.replace(opts, device=device)
-    key = (opts.detector, opts.preset, str(opts.weights), opts.seed, opts.device, opts.precision)
+    key = (opts.detector, opts.preset, str(opts.weights), str(opts.finetuned), opts.seed, opts.device, opts.precision)
     if key not in _WORKER_DETECTORS:
         _WORKER_DETECTORS.clear()
         _WORKER_DETECTORS[key] = build_frozen_detector(opts)[0]

@@ -107,9 +107,13 @@ def run_predict(opts: PredictOptions) -> dict:
     ``COCO("images.json").loadRes(results)`` works), ``<image stem>.png`` (overlay, the image's
     size), ``summary.json``. An image that cannot be decoded is reported by name and skipped.
 
+    A checkpoint of a run that fine-tuned its detector (``train-head --online --finetune``)
+    runs that fine-tuned detector: its parameters are loaded over ``--weights``
+    (:func:`pipeline.frozen_detector.load_finetuned`).
+
     Raises:
-        ValueError: the detector (name, architecture, weights) is not the one whose cache the
-            head was trained on; no weights without ``random_init``; bad inputs.
+        ValueError: the detector (name, architecture, weights, fine-tuning) is not the one whose
+            cache the head was trained on; no weights without ``random_init``; bad inputs.
     """
     from kernels import ops as kernel_ops
 
@@ -132,9 +136,12 @@ def run_predict(opts: PredictOptions) -> dict:
         log.warning("--min-size/--max-size %d/%d differ from the training cache's %d/%d: the head sees features "
                     "of another scale", min_size, max_size, pre["min_size"], pre["max_size"])
     images = list_images(opts.inputs)
+    if "detector" in ckpt:  # a run that fine-tuned its detector: run that detector (frozen_detector.load_finetuned)
+        opts = dataclasses.replace(opts, finetuned=opts.checkpoint)
     detector, sha = build_frozen_detector(opts, device)
-    found = {"detector": opts.detector, "detector_config": detector.config(), "checkpoint_sha256": sha}
-    diff = fingerprint_diff(fp, found, keys=("detector", "detector_config", "checkpoint_sha256"))
+    found = {"detector": opts.detector, "detector_config": detector.config(), "checkpoint_sha256": sha,
+             **(detector.finetuned_fingerprint or {})}
+    diff = fingerprint_diff(fp, found, keys=("detector", "detector_config", "checkpoint_sha256", "finetuned"))
     if diff:
         raise ValueError(f"{opts.checkpoint} was trained on features of another detector: "
                          + "; ".join(diff) + " (pass the detector, --preset and --weights/--seed of its cache)")

@@ -252,8 +252,13 @@ def _train_locked(cfg: Config, source, out: Path, *, val_cache, resume, ctx: Dis
     head_cfg = check_cache_supports(cfg, source, source.label)  # refuses what the source lacks, before training
     if val_cache is not None:
         if source.parameter_groups(tc.lr):
-            raise ValueError("--val-cache holds the frozen detector's features, not the fine-tuned one's: train with "
-                             "--finetune partial/full without --val-cache")
+            raise ValueError(
+                "--val-cache holds the original detector's features, not those of the detector this run fine-tunes: "
+                "train with --finetune partial/full without --val-cache, then extract the validation images with the "
+                "run's fine-tuned detector and evaluate on them (README: Evaluating a fine-tuned run):\n"
+                f"  cli.py extract <the same detector and size flags> --finetuned {out / 'head.pt'} "
+                "--coco-root ROOT --split val2017 --out VAL_FT.zarr\n"
+                f"  cli.py evaluate --cache VAL_FT.zarr --checkpoint {out / 'head.pt'} --out {out / 'eval'}")
         FeatureCache.open(val_cache, expected=source.fingerprint)  # refuse a stale/foreign val cache early
     ann = source.ann_file
     coco = data.load_coco(ann)
