@@ -229,6 +229,9 @@ def main(verbose):
               "so each image's values equal a batch-1 run's up to float rounding.")
 @click.option("--decode-workers", type=int, default=None,
               help="DataLoader workers decoding images (default: 0 on CPU, up to 4 on CUDA).")
+@click.option("--writer", type=click.Choice(["auto", "thread", "inline"]), default="auto", show_default=True,
+              help="Write the cache from a background thread or inline after each forward; auto = the thread "
+              "on an accelerator or when cores are left over from torch's threads, else inline (README: Benchmarks).")
 @click.option("--skip-bad-images", is_flag=True,
               help="Record unreadable images in the store's skipped list and go on (default: stop with an error).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store at --out instead of resuming it.")

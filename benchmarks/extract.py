@@ -5,12 +5,16 @@ On the same real images and batches (``--batch-size``; only same-size images are
   (a) detector forward only: images decoded and preprocessed beforehand, only
       ``detector.extract`` timed (what the device could do);
   (b) full ``run_extract`` into a fresh store: decoding (``--decode-workers``), forward, level
-      selection and the background writer (quantisation, compression, disk) together.
+      selection and the writer (quantisation, compression, disk) together, the writer as
+      ``extract`` chooses it (:func:`pipeline.extract.write_behind`: a background thread when
+      the forward leaves cores idle, else inline);
+  (c) the same with the other writer mode, for comparison.
 
-Prints images/s of both; the last line is ``extract_over_forward=<(b)/(a)>`` (target >= 0.95:
-the detector never waits for decoding or the disk). Both are timed warm: an untimed extraction
-of the same images runs first. On a CPU-only machine decoding and the writer's compression share
-the cores with the forward, so the ratio there measures that sharing too.
+Prints images/s of each, with the loop's stage seconds (decode / forward / write); the last line
+is ``extract_over_forward=<(b)/(a)>`` (target >= 0.95: the detector never waits for decoding or
+the disk). All are timed warm: an untimed extraction of the same images runs first. On a
+CPU-only machine decoding and the writer's compression share the cores with the forward, so
+there the ratio is bounded by forward / (forward + decode + write) of the CPU seconds.
 
     python benchmarks/extract.py --coco-root ../shared/data/coco --images 8 --batch-size 2 \
         --min-size 240 --max-size 360 --preset golden-small
@@ -31,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import data  # noqa: E402
 from pipeline.cache import FeatureCache  # noqa: E402
-from pipeline.extract import ExtractOptions, build_frozen_detector, run_extract, size_batches  # noqa: E402
+from pipeline.extract import (ExtractOptions, build_frozen_detector, run_extract, size_batches,  # noqa: E402
+                              write_behind)
 
 
 @click.command()
@@ -53,8 +58,11 @@ def main(coco_root, split, images, batch_size, decode_workers, dtype, min_size, 
         # An untimed first extraction warms the per-shape kernel caches (oneDNN primitives, allocator)
         # for every batch shape, so (b) and (a), which runs after it, both see warm shapes.
         run_extract(dataclasses.replace(opts, out=Path(tmp) / "warm-up.zarr"))
+        auto = write_behind(device)
         summary = run_extract(opts)
         full = summary["seconds"]  # the extraction loop: decode + forward + write (detector built before)
+        other = run_extract(dataclasses.replace(opts, out=Path(tmp) / "other.zarr",
+                                                writer="inline" if auto else "thread"))
         detector, _ = build_frozen_detector(opts)
         cache = FeatureCache.open(opts.out)
         ann_file, image_dir = data.resolve_dataset(coco_root, split)
@@ -73,8 +81,17 @@ def main(coco_root, split, images, batch_size, decode_workers, dtype, min_size, 
         n = summary["extracted_now"]
         click.echo(f"{n} {split} images at {min_size}/{max_size}, preset {preset}, batch {batch_size}, "
                    f"{summary['forwards']} forwards, dtype {dtype}, {torch.get_num_threads()} threads, {device}")
-        click.echo(f"(a) detector forward only  {n / forward:7.3f} images/s")
-        click.echo(f"(b) full extract           {n / full:7.3f} images/s  (decode + forward + background write)")
+        mode = {True: "background writer", False: "inline writer"}
+
+        def stages(s):
+            return ", ".join(f"{k} {v:.2f} s" for k, v in s["stage_seconds"].items())
+
+        click.echo(f"(a) detector forward only  {n / forward:7.3f} images/s  (forward {forward:.2f} s)")
+        click.echo(f"(b) full extract           {n / full:7.3f} images/s  ({mode[auto]}, as extract chooses; "
+                   f"{stages(summary)})")
+        click.echo(f"(c) full extract           {n / other['seconds']:7.3f} images/s  ({mode[not auto]}; "
+                   f"{stages(other)})")
+        click.echo(f"{mode[not auto]} over forward: {forward / other['seconds']:.3f}")
         click.echo(f"extract_over_forward={forward / full:.3f}")
 
 

@@ -680,24 +680,35 @@ class FeatureCache:
                 raise CacheError(f"image {image_id}: encoder layer {k} has {tokens.shape[0]} tokens, "
                                  f"spatial_shapes give {n_tok}")
         self._array("done")[i] = PENDING
-        self._put("queries", i, record.queries)
-        self._array("logits")[i] = record.logits.detach().to("cpu", torch.float32).numpy()
-        self._array("boxes")[i] = record.boxes.detach().to("cpu", torch.float32).numpy()
-        self._array("query_index")[i] = record.query_index.detach().to("cpu", torch.int32).numpy()
-        self._array("valid_ratios")[i] = torch.as_tensor(record.valid_ratios).detach().to("cpu", torch.float32).numpy()
+        self._store([
+            *self._feature_rows("queries", i, record.queries),
+            ("logits", i, record.logits.detach().to("cpu", torch.float32).numpy()),
+            ("boxes", i, record.boxes.detach().to("cpu", torch.float32).numpy()),
+            ("query_index", i, record.query_index.detach().to("cpu", torch.int32).numpy()),
+            ("valid_ratios", i, torch.as_tensor(record.valid_ratios).detach().to("cpu", torch.float32).numpy()),
+        ])
         fault_point("cache.between_arrays", self.path)
-        for k, tokens in record.encoder_tokens.items():
-            self._put(f"encoder/layer_{k}", slice(t0, t0 + n_tok), tokens)
-        self._put("c1", slice(c0, c0 + h1 * w1), c1.flatten(1).transpose(0, 1))
+        features = [row for k, tokens in record.encoder_tokens.items()
+                    for row in self._feature_rows(f"encoder/layer_{k}", slice(t0, t0 + n_tok), tokens)]
+        features += self._feature_rows("c1", slice(c0, c0 + h1 * w1), c1.flatten(1).transpose(0, 1))
+        self._store(features)
         fault_point("cache.before_done", self.path)
         self._array("done")[i] = DONE
 
-    def _put(self, name: str, where, rows: torch.Tensor) -> None:
-        """Store ``[R, C]`` feature rows at ``where`` of array ``name`` (and their int8 scales)."""
+    def _feature_rows(self, name: str, where, rows: torch.Tensor) -> list[tuple[str, object, np.ndarray]]:
+        """``[R, C]`` feature rows for array ``name`` at ``where`` as stored (and their int8 scales)."""
         data, scale = _to_storage(rows, self.dtype)
-        self._array(name)[where] = data
-        if scale is not None:
-            self._array(f"{name}_scale")[where] = scale
+        return [(name, where, data)] + ([] if scale is None else [(f"{name}_scale", where, scale)])
+
+    def _store(self, requests: list[tuple[str, object, np.ndarray]]) -> None:
+        """``array[selection] = value`` for each request, written concurrently (one event-loop pass;
+        Blosc encoding runs in zarr's thread pool). Returns once every write has finished."""
+        arrays = [self._array(name).async_array for name, _, _ in requests]
+
+        async def gather():
+            await asyncio.gather(*(a.setitem(sel, v) for a, (_, sel, v) in zip(arrays, requests)))
+
+        _zarr_sync(gather())
 
     def mark_skipped(self, i: int, reason: str) -> None:
         """Flag image ``i`` as skipped (bad input) and record why in the store's attrs."""

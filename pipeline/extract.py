@@ -55,6 +55,9 @@ class ExtractOptions(DetectorOptions):
         views: augmented views stored per image (:mod:`pipeline.views`; None = ``["orig"]``):
             entries are image-major (entry ``n * V + v`` = view ``v`` of image ``n``), recorded in
             the fingerprint's ``views`` when not just ``orig``.
+        writer: ``thread`` writes the cache from a background thread, ``inline`` after each
+            forward, ``auto`` picks by :func:`write_behind` of ``device``. The stored values are
+            identical either way.
     """
 
     out: Path
@@ -81,6 +84,7 @@ class ExtractOptions(DetectorOptions):
     unit_images: int = 8
     retries: int = 2
     views: list[str] | None = None
+    writer: str = "auto"
 
 
 def make_fingerprint(opts: ExtractOptions, detector, checkpoint_sha: str, ann_file: Path) -> dict:
@@ -212,19 +216,65 @@ class _DecodedBatches(torch.utils.data.Dataset):
         return out
 
 
-class _Writer:
-    """Writes records into the cache from a background thread, so the detector never waits for
-    the disk. ``put`` blocks when ``depth`` items are queued; an error in the thread is raised
-    by the next ``put`` or by ``close`` (images written before it stay done)."""
+def write_behind(device: str) -> bool:
+    """Whether ``extract`` writes the cache from a background thread (True) or inline after each
+    forward (False).
 
-    def __init__(self, cache: FeatureCache, out, depth: int = 2):
+    A background writer only helps when the forward leaves CPU cores idle: on an accelerator
+    (the forward runs on the device), or on a CPU with more usable cores than torch's intra-op
+    threads. On a CPU whose cores all run the forward, a writer thread (quantisation, Blosc
+    compression, zarr's event loop) preempts torch's OpenMP threads, and every parallel region
+    waits for its preempted thread, so the forward slows by more than the writer's own CPU time;
+    writing inline costs exactly that time (``benchmarks/extract.py`` measures both).
+    """
+    if torch.device(device).type != "cpu":
+        return True
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return cores > torch.get_num_threads()
+
+
+WRITERS = ("auto", "thread", "inline")
+
+
+def background_writer(opts: ExtractOptions) -> bool:
+    """Whether ``extract`` writes from a background thread: ``opts.writer`` (:data:`WRITERS`),
+    ``auto`` = :func:`write_behind` of ``opts.device``.
+
+    Raises:
+        ValueError: ``opts.writer`` is not one of :data:`WRITERS` (names ``--writer``).
+    """
+    if opts.writer not in WRITERS:
+        raise ValueError(f"--writer must be one of {', '.join(WRITERS)}, got {opts.writer!r}")
+    return write_behind(opts.device) if opts.writer == "auto" else opts.writer == "thread"
+
+
+class _Writer:
+    """Writes records into the cache through :meth:`FeatureCache.write`: from a background thread
+    when ``background`` (so the detector never waits for the disk), else inline. ``put`` blocks
+    when ``depth`` items are queued; an error in the thread is raised by the next ``put`` or by
+    ``close`` (images written before it stay done). ``wait_seconds`` is the time the caller
+    spent in ``put``/``close`` (queueing, or writing inline)."""
+
+    def __init__(self, cache: FeatureCache, out, background: bool = True, depth: int = 2):
         import queue
         import threading
 
-        self.cache, self.out, self.error = cache, out, None
-        self.queue: "queue.Queue" = queue.Queue(maxsize=depth)
-        self.thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
-        self.thread.start()
+        self.cache, self.out, self.error, self.wait_seconds = cache, out, None, 0.0
+        self.thread = None
+        if background:
+            self.queue: "queue.Queue" = queue.Queue(maxsize=depth)
+            self.thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
+            self.thread.start()
+
+    def _write(self, kind: str, i: int, payload) -> None:
+        if kind == "skip":
+            self.cache.mark_skipped(i, payload)
+        else:
+            fault_point("extract.before_write", self.out)
+            self.cache.write(i, payload)
 
     def _run(self):
         while True:
@@ -233,13 +283,8 @@ class _Writer:
                 return
             if self.error is not None:
                 continue  # drain after an error; nothing more is written
-            kind, i, payload = item
             try:
-                if kind == "skip":
-                    self.cache.mark_skipped(i, payload)
-                else:
-                    fault_point("extract.before_write", self.out)
-                    self.cache.write(i, payload)
+                self._write(*item)
             except BaseException as e:  # re-raised in the main thread
                 self.error = e
 
@@ -248,24 +293,40 @@ class _Writer:
             raise self.error
 
     def put(self, kind: str, i: int, payload) -> None:
-        self._check()
-        self.queue.put((kind, i, payload))
+        t = time.perf_counter()
+        try:
+            self._check()
+            if self.thread is None:
+                self._write(kind, i, payload)
+            else:
+                self.queue.put((kind, i, payload))
+        finally:
+            self.wait_seconds += time.perf_counter() - t
 
     def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        self._check()
+        t = time.perf_counter()
+        try:
+            if self.thread is not None:
+                self.queue.put(None)
+                self.thread.join()
+            self._check()
+        finally:
+            self.wait_seconds += time.perf_counter() - t
 
 
 def _extract_indices(opts: ExtractOptions, indices: list[int], detector, coco,
-                     position: int = 0, in_main: bool = True) -> tuple[list[tuple[int, str]], int]:
+                     position: int = 0, in_main: bool = True) -> tuple[list[tuple[int, str]], int, dict]:
     """Extract the images at store positions ``indices``; returns ``([(index, reason)] skipped,
-    number of detector forwards)``.
+    number of detector forwards, stage seconds)``. The stage seconds are the wall time of this
+    loop spent waiting for decoded images (``decode``), in ``detector.extract`` (``forward``, as
+    the host sees it) and in the writer (``write``: queueing, or writing inline, see
+    :func:`write_behind`).
 
     Runs in the main process or in a dask worker process (``in_main=False``, see
     :func:`_extract_unit`), which opens the store itself. Images of identical resized size are batched
     (``opts.batch_size``, :func:`size_batches`), decoded in ``opts.decode_workers`` DataLoader
-    workers, and written by a background thread through :meth:`FeatureCache.write`. Only the
+    workers, and written through :meth:`FeatureCache.write` (from a background thread when
+    :func:`write_behind`). Only the
     main process writes the store's attributes (the skip reasons); a worker returns them for
     the main process to record.
     """
@@ -283,10 +344,17 @@ def _extract_indices(opts: ExtractOptions, indices: list[int], detector, coco,
         _DecodedBatches(batches, paths, expected, plans), batch_size=None, shuffle=False,
         num_workers=workers, multiprocessing_context="spawn" if workers else None,
         prefetch_factor=2 if workers else None, persistent_workers=False)
-    writer = _Writer(cache, opts.out)
+    writer = _Writer(cache, opts.out, background=background_writer(opts))
+    stages = {"decode": 0.0, "forward": 0.0, "write": 0.0}
     bar = tqdm(total=len(indices), desc="extract", unit="img", position=position, dynamic_ncols=True)
+    batches_in = iter(loader)
     try:
-        for decoded in loader:
+        while True:
+            t = time.perf_counter()
+            decoded = next(batches_in, None)
+            stages["decode"] += time.perf_counter() - t
+            if decoded is None:
+                break
             good = []
             for i, x, error in decoded:
                 if error is None:
@@ -304,7 +372,9 @@ def _extract_indices(opts: ExtractOptions, indices: list[int], detector, coco,
                 continue
             x = torch.stack([x for _, x in good]).to(opts.device, dtype)
             mask = torch.zeros((x.shape[0],) + x.shape[2:], dtype=torch.bool, device=opts.device)
+            t = time.perf_counter()
             records = detector.extract(x, mask, list(cache.encoder_layers), cache.fingerprint["top_k"])
+            stages["forward"] += time.perf_counter() - t
             forwards += 1
             for (i, _), record in zip(good, records):
                 record = record.select_levels(cache.fingerprint["levels"])
@@ -315,7 +385,8 @@ def _extract_indices(opts: ExtractOptions, indices: list[int], detector, coco,
     finally:
         bar.close()
         writer.close()  # what was computed before an error is still written (each image owns its chunks)
-    return skipped, forwards
+        stages["write"] = writer.wait_seconds
+    return skipped, forwards, stages
 
 
 class ExtractError(RuntimeError):
@@ -325,7 +396,8 @@ class ExtractError(RuntimeError):
 _WORKER_DETECTORS: dict = {}  # per worker process: the built detector, reused across work units
 
 
-def _extract_unit(opts: ExtractOptions, indices: list[int], threads: int | None) -> tuple[list[tuple[int, str]], int]:
+def _extract_unit(opts: ExtractOptions, indices: list[int],
+                  threads: int | None) -> tuple[list[tuple[int, str]], int, dict]:
     """One work unit on a dask worker: pin the device, reuse the process's detector, extract."""
     import dataclasses
 
@@ -348,14 +420,15 @@ def _extract_unit(opts: ExtractOptions, indices: list[int], threads: int | None)
         _WORKER_DETECTORS[key] = build_frozen_detector(opts)[0]
     ann_file, _ = data.resolve_dataset(opts.coco_root, opts.split, opts.ann_file, opts.image_dir)
     coco = data.load_coco(ann_file, require_annotations=False)
-    skipped, forwards = _extract_indices(opts, indices, _WORKER_DETECTORS[key], coco, in_main=False)
-    return skipped, forwards
+    return _extract_indices(opts, indices, _WORKER_DETECTORS[key], coco, in_main=False)
 
 
-def _run_distributed(opts: ExtractOptions, todo: list[int], cache: FeatureCache) -> tuple[list[tuple[int, str]], int]:
+def _run_distributed(opts: ExtractOptions, todo: list[int],
+                     cache: FeatureCache) -> tuple[list[tuple[int, str]], int, dict]:
     """Extract ``todo`` on dask.distributed: a ``LocalCluster`` of ``opts.workers`` processes or the
     cluster at ``opts.scheduler``. Units of ``opts.unit_images`` consecutive images; a failed unit is
     retried ``opts.retries`` times, then its image ids are reported (what other units wrote stays done).
+    Returns what :func:`_extract_indices` does, the stage seconds summed over the units.
 
     Raises:
         ExtractError: the scheduler cannot be reached (names ``--scheduler``), or units failed
@@ -375,7 +448,7 @@ def _run_distributed(opts: ExtractOptions, todo: list[int], cache: FeatureCache)
                                resources={"GPU": 1}, silence_logs=logging.WARNING)
         client = Client(cluster)
     failed = []
-    skipped, forwards = [], 0
+    skipped, forwards, stages = [], 0, {}
     try:
         threads = torch.get_num_threads() if cluster is not None else None
         unit = max(1, int(opts.unit_images))
@@ -388,9 +461,11 @@ def _run_distributed(opts: ExtractOptions, todo: list[int], cache: FeatureCache)
         for fut in as_completed(futures):
             u = futures[fut]
             try:
-                s, f = fut.result()
+                s, f, st = fut.result()
                 skipped += s
                 forwards += f
+                for k, v in st.items():
+                    stages[k] = stages.get(k, 0.0) + v
             except Exception as e:  # after its retries: reported by image id below
                 who = client.who_has(fut).get(fut.key) or "a worker"
                 failed.append((u, who, e))
@@ -405,7 +480,7 @@ def _run_distributed(opts: ExtractOptions, todo: list[int], cache: FeatureCache)
                  for u, who, e in failed]
         raise ExtractError(f"{len(failed)} work unit(s) failed after {opts.retries} retries (everything else is "
                            "written; re-run the same command to resume):\n  " + "\n  ".join(lines))
-    return skipped, forwards
+    return skipped, forwards, stages
 
 
 def decode_workers(opts: ExtractOptions) -> int:
@@ -421,7 +496,11 @@ def decode_workers(opts: ExtractOptions) -> int:
 def run_extract(opts: ExtractOptions) -> dict:
     """Extract every selected image into ``opts.out`` (creating or resuming the store).
 
-    Returns a summary dict: ``images``, ``done``, ``skipped``, ``extracted_now``, ``forwards`` (detector forward passes), ``seconds``, ``mb_per_image``.
+    Returns a summary dict: ``images``, ``done``, ``skipped``, ``extracted_now``, ``forwards``
+    (detector forward passes), ``seconds`` (the extraction loop, detector built before),
+    ``seconds_per_image``, ``stage_seconds`` (``decode`` / ``forward`` / ``write``: the loop's wall
+    time waiting for decoded images, in the detector, in the writer; summed over work units when
+    distributed), ``mb_per_image``, ``random_init`` and ``impl``.
 
     Raises:
         data.DataError: bad dataset or image (unless ``skip_bad_images``; images already
@@ -488,6 +567,7 @@ def _run_extract_locked(opts: ExtractOptions) -> dict:
     parse_views(opts.views)  # raises on a bad --views
     size_batches({}, [], opts.batch_size)  # raises on a bad --batch-size
     decode_workers(opts)  # raises on a bad --decode-workers
+    background_writer(opts)  # raises on a bad --writer
     check_images_before_compute(coco, image_ids, image_dir, opts.skip_bad_images)
     detector, sha = build_frozen_detector(opts)
     if opts.top_k > detector.num_queries:
@@ -508,13 +588,16 @@ def _run_extract_locked(opts: ExtractOptions) -> dict:
              int((status == DONE).sum()), int((status == SKIPPED).sum()), len(todo))
     start = time.time()
     if (opts.workers <= 1 and opts.scheduler is None) or not todo:
-        skipped, forwards = _extract_indices(opts, todo, detector, coco)  # reasons already recorded
+        skipped, forwards, stages = _extract_indices(opts, todo, detector, coco)  # reasons already recorded
     else:
         del detector
-        skipped, forwards = _run_distributed(opts, todo, cache)
+        skipped, forwards, stages = _run_distributed(opts, todo, cache)
         for i, reason in skipped:
             cache.mark_skipped(i, reason)
     seconds = time.time() - start
+    if todo:
+        log.info("extracted %d images in %.1f s: decode %.1f s, forward %.1f s, write %.1f s", len(todo), seconds,
+                 stages.get("decode", 0.0), stages.get("forward", 0.0), stages.get("write", 0.0))
     status = cache.status()
     n_done = int((status == DONE).sum())
     n_now = int(sum(status[i] == DONE for i in todo))
@@ -522,6 +605,7 @@ def _run_extract_locked(opts: ExtractOptions) -> dict:
         "images": len(cache), "done": n_done, "skipped": int((status == SKIPPED).sum()),
         "extracted_now": n_now, "forwards": forwards, "seconds": round(seconds, 2),
         "seconds_per_image": round(seconds / max(1, n_now), 3),
+        "stage_seconds": {k: round(v, 2) for k, v in stages.items()},
         "mb_per_image": round(cache.disk_bytes() / 1e6 / max(1, n_done), 3),
         "random_init": fingerprint["random_init"],
         "impl": impl_info,

@@ -276,14 +276,18 @@ def test_float64_batch_of_two_equals_batch_one_exactly(tmp_path):
     """With the detector in float64 (--precision float64, stored as float32), B = 2 equals B = 1
     bit for bit: batching adds no cross-image effect. In float32 the two differ by up to ~3e-6
     (BLAS picks another blocking for another batch size; the float32 test above allows one
-    float16 step), which float64 rounds away before the values are stored as float32."""
+    float16 step), which float64 rounds away before the values are stored as float32. The two
+    runs also use the two writers (``--writer inline`` / ``thread``): where the store is written
+    from changes nothing."""
     require_coco()
     ids = "17627,41888"  # two 640x480 val images: one forward at B = 2
     common = [*SMALL_EXTRACT, "--coco-root", COCO_ROOT, "--split", "val2017", "--image-ids", ids,
               "--precision", "float64", "--dtype", "float32"]
-    run_cli("extract", *common, "--batch-size", 1, "--out", tmp_path / "b1.zarr")
-    res = run_cli("extract", *common, "--batch-size", 2, "--out", tmp_path / "b2.zarr")
-    assert json.loads(res.stdout[res.stdout.index("{"):])["forwards"] == 1
+    run_cli("extract", *common, "--batch-size", 1, "--writer", "inline", "--out", tmp_path / "b1.zarr")
+    res = run_cli("extract", *common, "--batch-size", 2, "--writer", "thread", "--out", tmp_path / "b2.zarr")
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    assert summary["forwards"] == 1 and summary["done"] == 2
+    assert set(summary["stage_seconds"]) == {"decode", "forward", "write"}
     one, two = FeatureCache.open(tmp_path / "b1.zarr"), FeatureCache.open(tmp_path / "b2.zarr")
     for i in range(2):
         assert records_equal(one.read(i, [4, 6]), two.read(i, [4, 6]))
