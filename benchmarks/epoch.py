@@ -17,6 +17,10 @@ of steps 2..n times n).
 
 Prints both epoch times, the one-off extraction time, the store's MB/image and the train2017 disk
 estimate for V views at this resolution; last line ``cached_speedup=<(a)/(b)>`` (target >= 3).
+Unless ``--no-flops``, both epochs run once more under ``FlopCounterMode`` (:func:`pipeline.flops.count_gflops`,
+every multiply-add counted; the backward of the compiled deformable-attention kernel counts 0) and
+the FLOP-implied speed-up (online multiply-adds / cached multiply-adds) is printed beside the
+measured one: what the cache would buy if the detector and the head step ran at one FLOP rate.
 
     python benchmarks/epoch.py --images 4 --min-size 320 --max-size 480 --views 1
 """
@@ -37,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.cache import FeatureCache  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.extract import ExtractOptions, run_extract  # noqa: E402
+from pipeline.flops import count_gflops  # noqa: E402
 from pipeline.online import OnlineSource  # noqa: E402
 from pipeline.train import train  # noqa: E402
 
@@ -67,7 +72,9 @@ def _epoch_seconds(run: Path) -> float:
 @click.option("--small-head", is_flag=True, help="The reduced test head instead of the paper's.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Keep the store and runs here.")
-def main(coco_root, split, images, batch_size, min_size, max_size, preset, dtype, views, small_head, device, workdir):
+@click.option("--no-flops", is_flag=True, help="Skip the FLOP count of both epochs (one more pass of each).")
+def main(coco_root, split, images, batch_size, min_size, max_size, preset, dtype, views, small_head, device, workdir,
+         no_flops):
     tmp = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="epoch_bench_")
@@ -86,9 +93,13 @@ def main(coco_root, split, images, batch_size, min_size, max_size, preset, dtype
     source = OnlineSource(ExtractOptions(out=workdir / "online", **det), finetune="none")
     train(cfg, None, workdir / "online", device=device, progress=False, source=source)
     t_online = _epoch_seconds(workdir / "online")
+    gmac_online = None if no_flops else count_gflops(
+        lambda: train(cfg, None, workdir / "online-flops", device=device, progress=False, source=source), "all")
     del source
     train(cfg, store, workdir / "cached", device=device, progress=False)
     t_cached = _epoch_seconds(workdir / "cached")
+    gmac_cached = None if no_flops else count_gflops(
+        lambda: train(cfg, store, workdir / "cached-flops", device=device, progress=False), "all")
     cache = FeatureCache.open(store)
     mb = cache.disk_bytes() / 1e6 / max(1, len(cache.done_indices()))
     steps = -(-images // batch_size)
@@ -99,6 +110,11 @@ def main(coco_root, split, images, batch_size, min_size, max_size, preset, dtype
     click.echo(f"(b) cached epoch   {t_cached:9.2f} s   ({t_cached / images:.2f} s/image)")
     click.echo(f"one-off extraction {t_extract:9.2f} s   ({summary['seconds_per_image']:.2f} s/image, {dtype}, "
                f"{mb:.2f} MB/image on disk)")
+    if not no_flops:
+        click.echo(f"multiply-adds per epoch: online {gmac_online:.1f} G, cached {gmac_cached:.1f} G "
+                   f"(detector {gmac_online - gmac_cached:.1f} G); FLOP-implied speed-up "
+                   f"{gmac_online / gmac_cached:.2f}; FLOP rate online {gmac_online / t_online:.1f} G/s, "
+                   f"cached {gmac_cached / t_cached:.1f} G/s")
     click.echo(f"break-even after {t_extract / max(1e-9, t_online - t_cached):.2f} epochs")
     click.echo(f"train2017 disk at this resolution, {views} view(s): {TRAIN2017 * views * mb / 1e6:.2f} TB "
                f"({TRAIN2017:,} images x {views} x {mb:.2f} MB)")
