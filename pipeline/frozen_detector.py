@@ -126,7 +126,7 @@ def load_finetuned(detector: torch.nn.Module, path: str | Path, detector_name: s
             in it (a run with ``--finetune none`` or from a cache); a run of another detector,
             architecture or official weights; parameter names or shapes this detector lacks.
     """
-    from .checkpoint import finetuned_fingerprint, load_checkpoint
+    from .checkpoint import load_checkpoint
 
     path = Path(path)
     ckpt = load_checkpoint(path)
@@ -150,7 +150,7 @@ def load_finetuned(detector: torch.nn.Module, path: str | Path, detector_name: s
     with torch.no_grad():
         for k, t in state.items():
             named[k].copy_(t)
-    record = finetuned_fingerprint(ckpt)
+    record = fp["finetuned"]  # load_checkpoint derived it from the detector state (hashed once)
     log.info("--finetuned %s: %d fine-tuned detector tensors (%s, step %s) over the official weights", path,
              len(state), record["finetune"], ckpt.get("step"))
     return {"finetuned": record, "finetuned_from": {"checkpoint": str(path.resolve()), "step": ckpt.get("step")}}
