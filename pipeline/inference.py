@@ -77,8 +77,8 @@ def predict_batch(head, postprocess, items: list[SampleRecord], maps: dict, cfg:
     out = head(feats, torch.cat(queries).to(device), torch.cat(sel_boxes).to(device), sizes,
                torch.cat(bidx).to(device))
     counts = [len(q) for q in queries]
-    sizes = out["mask_sizes"].split(counts) if out.get("mask_sizes") is not None else [None] * len(items)
-    mask_logits = [unpad_mask_logits(lg, sz) for lg, sz in zip(out["mask_logits"].split(counts), sizes)]
+    mask_sizes = out["mask_sizes"].split(counts) if out.get("mask_sizes") is not None else [None] * len(items)
+    mask_logits = [unpad_mask_logits(lg, sz) for lg, sz in zip(out["mask_logits"].split(counts), mask_sizes)]
     iou_pred = out["iou_pred"].split(counts) if out.get("iou_pred") is not None else [None] * len(items)
     col_to_cat = {col: cat for cat, col in maps["column_of"].items()}
     results = []
