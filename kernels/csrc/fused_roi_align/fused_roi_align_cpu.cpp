@@ -81,19 +81,13 @@ int64_t batch_of(const acc_t* box, int64_t k, int64_t batch) {
   return b;
 }
 
-// The channel loops, compiled for AVX-512 and AVX2 besides the baseline and chosen when the library
-// loads (GCC function multiversioning on x86-64; one generic version elsewhere).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define MFDETR_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MFDETR_CPU_CLONES
-#endif
+// The channel loops are compiled per ISA level (MFDETR_CPU_CLONES, common.h).
 
 // dst[0:n] += sum_t weight[t] * src[index[t] * stride + 0:n]  (one bin's gather, forward)
 template <typename T>
-__attribute__((always_inline)) inline void gather_rows_impl(int64_t n, int64_t count, const int64_t* __restrict__ index,
-                                                           const T* __restrict__ weight, const T* __restrict__ src,
-                                                           int64_t stride, T* __restrict__ dst) {
+MFDETR_FORCE_INLINE void gather_rows_impl(int64_t n, int64_t count, const int64_t* __restrict__ index,
+                                          const T* __restrict__ weight, const T* __restrict__ src, int64_t stride,
+                                          T* __restrict__ dst) {
   for (int64_t t = 0; t < count; ++t) {
     const T w = weight[t];
     const T* row = src + index[t] * stride;
@@ -103,9 +97,9 @@ __attribute__((always_inline)) inline void gather_rows_impl(int64_t n, int64_t c
 
 // dst[index[t] * stride + 0:n] += weight[t] * src[0:n]  (one bin's scatter, backward)
 template <typename T>
-__attribute__((always_inline)) inline void scatter_rows_impl(int64_t n, int64_t count, const int64_t* __restrict__ index,
-                                                            const T* __restrict__ weight, const T* __restrict__ src,
-                                                            int64_t stride, T* __restrict__ dst) {
+MFDETR_FORCE_INLINE void scatter_rows_impl(int64_t n, int64_t count, const int64_t* __restrict__ index,
+                                           const T* __restrict__ weight, const T* __restrict__ src, int64_t stride,
+                                           T* __restrict__ dst) {
   for (int64_t t = 0; t < count; ++t) {
     const T w = weight[t];
     T* row = dst + index[t] * stride;
