@@ -97,8 +97,13 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
         weights = F.softmax(weights, -1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
+            # reference + offset / (W_l, H_l), element for element as the official code, with both
+            # broadcast operands laid out contiguously over (L, P, 2) first: broadcasting an int64
+            # [L, 1, 2] normaliser against the innermost dims made this one of the slowest steps
             normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
-            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+            normalizer = normalizer[:, None, :].expand(self.n_levels, self.n_points, 2).to(offsets.dtype).contiguous()
+            reference = reference_points[:, :, None, :, None, :].expand(n, lq, 1, self.n_levels, self.n_points, 2)
+            locations = reference.contiguous() + offsets / normalizer
         elif reference_points.shape[-1] == 4:
             locations = (
                 reference_points[:, :, None, :, None, :2]
