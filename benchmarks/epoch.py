@@ -13,7 +13,9 @@ resolution (``--min-size/--max-size``, default 320/480 instead of 800/1333). The
 paper's default (``configs/mfdetr_dino_focalnet_l.yaml``) unless ``--small-head``. Epoch time =
 the training loop's own clock at its last step (``metrics.jsonl`` ``time``), so model building
 and data-set set-up are excluded on both sides, and so is the first step's warm-up (epoch = mean
-of steps 2..n times n).
+of steps 2..n times n). Each side runs ``--repeats`` epochs (default 2), online and cached
+alternated, and the best of each is compared, so a drift in the machine's speed during the run
+does not land on one side only.
 
 Prints both epoch times, the one-off extraction time, the store's MB/image and the train2017 disk
 estimate for V views at this resolution; last line ``cached_speedup=<(a)/(b)>`` (target >= 3).
@@ -72,9 +74,11 @@ def _epoch_seconds(run: Path) -> float:
 @click.option("--small-head", is_flag=True, help="The reduced test head instead of the paper's.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), help="Keep the store and runs here.")
+@click.option("--repeats", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Epochs per side, online and cached alternated; the best of each is compared.")
 @click.option("--no-flops", is_flag=True, help="Skip the FLOP count of both epochs (one more pass of each).")
 def main(coco_root, split, images, batch_size, min_size, max_size, preset, dtype, views, small_head, device, workdir,
-         no_flops):
+         repeats, no_flops):
     tmp = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="epoch_bench_")
@@ -91,13 +95,16 @@ def main(coco_root, split, images, batch_size, min_size, max_size, preset, dtype
     summary = run_extract(ExtractOptions(out=store, dtype=dtype, overwrite=True, **det))
     t_extract = time.perf_counter() - t
     source = OnlineSource(ExtractOptions(out=workdir / "online", **det), finetune="none")
-    train(cfg, None, workdir / "online", device=device, progress=False, source=source)
-    t_online = _epoch_seconds(workdir / "online")
+    runs_online, runs_cached = [], []
+    for r in range(repeats):  # alternated, so drift in the machine's speed reaches both sides alike
+        train(cfg, None, workdir / f"online-{r}", device=device, progress=False, source=source)
+        runs_online.append(_epoch_seconds(workdir / f"online-{r}"))
+        train(cfg, store, workdir / f"cached-{r}", device=device, progress=False)
+        runs_cached.append(_epoch_seconds(workdir / f"cached-{r}"))
+    t_online, t_cached = min(runs_online), min(runs_cached)
     gmac_online = None if no_flops else count_gflops(
         lambda: train(cfg, None, workdir / "online-flops", device=device, progress=False, source=source), "all")
     del source
-    train(cfg, store, workdir / "cached", device=device, progress=False)
-    t_cached = _epoch_seconds(workdir / "cached")
     gmac_cached = None if no_flops else count_gflops(
         lambda: train(cfg, store, workdir / "cached-flops", device=device, progress=False), "all")
     cache = FeatureCache.open(store)
@@ -106,8 +113,13 @@ def main(coco_root, split, images, batch_size, min_size, max_size, preset, dtype
     click.echo(f"DINO-FocalNet-{preset} (random init), {images} {split} images at {min_size}/{max_size}, "
                f"batch {batch_size} ({steps} steps), {'reduced' if small_head else 'paper'} head, {device}, "
                f"{torch.get_num_threads()} threads")
-    click.echo(f"(a) online epoch   {t_online:9.2f} s   ({t_online / images:.2f} s/image)")
-    click.echo(f"(b) cached epoch   {t_cached:9.2f} s   ({t_cached / images:.2f} s/image)")
+    def runs(times):
+        return ", ".join(f"{t:.2f}" for t in times)
+
+    click.echo(f"(a) online epoch   {t_online:9.2f} s   ({t_online / images:.2f} s/image; best of {repeats}: "
+               f"{runs(runs_online)})")
+    click.echo(f"(b) cached epoch   {t_cached:9.2f} s   ({t_cached / images:.2f} s/image; best of {repeats}: "
+               f"{runs(runs_cached)})")
     click.echo(f"one-off extraction {t_extract:9.2f} s   ({summary['seconds_per_image']:.2f} s/image, {dtype}, "
                f"{mb:.2f} MB/image on disk)")
     if not no_flops:
