@@ -2,7 +2,8 @@
 // (OpenMP), the inner loops run over the Dh contiguous channels of a head so the compiler
 // vectorises them (`omp simd`), compiled per x86-64 ISA level (MFDETR_CPU_CLONES: AVX-512,
 // AVX2, baseline; the CPU's best is used) with fixed-width loops for Dh = 16 and 32.
-// float32/float64, and float16/bfloat16 with float32 accumulation. Semantics: kernels/reference.py::ms_deform_attn (see ms_deform_attn.h).
+// float32/float64, and float16/bfloat16 with float32 accumulation.
+// Semantics: kernels/reference.py::ms_deform_attn (see ms_deform_attn.h).
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -71,9 +72,10 @@ MFDETR_FORCE_INLINE void forward_rows(const MsDeformAttnSizes& s, const Buffers<
 }
 
 // Backward of the (batch element, head) pairs [begin, end). Here value and grad_value are
-// head-major, [N, M, S, Dh]: a pair reads and scatters into one contiguous [S, Dh] block (the
-// [N, S, M, Dh] layout spreads it over the whole tensor, 1/M of every cache line run), which it
-// alone writes, so the scatter needs no atomics; grad_locations / grad_weights are per sample.
+// head-major, [N, M, S, Dh]: a pair reads and scatters into one contiguous [S, Dh] block (in
+// [N, S, M, Dh] a head's channels are 1/M of every pixel's row, spread over the whole tensor),
+// which it alone writes, so the scatter needs no atomics; grad_locations / grad_weights are per
+// sample.
 // kDh as in forward_rows (grad_output's channels are held in registers when fixed).
 template <typename scalar_t, int kDh>
 MFDETR_FORCE_INLINE void backward_pairs(const MsDeformAttnSizes& s, const Buffers<scalar_t>& b, int64_t begin,
