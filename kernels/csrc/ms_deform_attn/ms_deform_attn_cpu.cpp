@@ -125,28 +125,26 @@ MFDETR_FORCE_INLINE void backward_pairs(const MsDeformAttnSizes& s, const Buffer
   }
 }
 
-// One non-template overload per (direction, dtype), cloned per ISA (MFDETR_CPU_CLONES); the head
-// widths Dh = 16 / 32 (every deformable layer of the detectors and the head) get fixed-width loops.
-#define MFDETR_MSDA_CPU_ENTRIES(scalar_t)                                                                    \
-  MFDETR_CPU_CLONES void forward_range(const MsDeformAttnSizes& s, const Buffers<scalar_t>& b, int64_t begin, \
-                                          int64_t end, at::opmath_type<scalar_t>* scratch) {                   \
-    if (s.channels == 32) {                                                                                   \
-      forward_rows<scalar_t, 32>(s, b, begin, end, scratch);                                                  \
-    } else if (s.channels == 16) {                                                                            \
-      forward_rows<scalar_t, 16>(s, b, begin, end, scratch);                                                  \
-    } else {                                                                                                  \
-      forward_rows<scalar_t, 0>(s, b, begin, end, scratch);                                                   \
-    }                                                                                                         \
-  }                                                                                                           \
+// `loop<scalar_t, kDh>(s, b, begin, end, scratch)` with the head widths Dh = 32 / 16 (every
+// deformable layer of the detectors and the head) as fixed-width loops, other widths generic.
+#define MFDETR_MSDA_BY_WIDTH(loop, scalar_t)          \
+  if (s.channels == 32) {                             \
+    loop<scalar_t, 32>(s, b, begin, end, scratch);    \
+  } else if (s.channels == 16) {                      \
+    loop<scalar_t, 16>(s, b, begin, end, scratch);    \
+  } else {                                            \
+    loop<scalar_t, 0>(s, b, begin, end, scratch);     \
+  }
+
+// One non-template overload per (direction, dtype), cloned per ISA (MFDETR_CPU_CLONES).
+#define MFDETR_MSDA_CPU_ENTRIES(scalar_t)                                                                     \
+  MFDETR_CPU_CLONES void forward_range(const MsDeformAttnSizes& s, const Buffers<scalar_t>& b, int64_t begin,  \
+                                       int64_t end, at::opmath_type<scalar_t>* scratch) {                      \
+    MFDETR_MSDA_BY_WIDTH(forward_rows, scalar_t)                                                               \
+  }                                                                                                            \
   MFDETR_CPU_CLONES void backward_range(const MsDeformAttnSizes& s, const Buffers<scalar_t>& b, int64_t begin, \
-                                           int64_t end, at::opmath_type<scalar_t>* scratch) {                  \
-    if (s.channels == 32) {                                                                                   \
-      backward_pairs<scalar_t, 32>(s, b, begin, end, scratch);                                                \
-    } else if (s.channels == 16) {                                                                            \
-      backward_pairs<scalar_t, 16>(s, b, begin, end, scratch);                                                \
-    } else {                                                                                                  \
-      backward_pairs<scalar_t, 0>(s, b, begin, end, scratch);                                                 \
-    }                                                                                                         \
+                                        int64_t end, at::opmath_type<scalar_t>* scratch) {                     \
+    MFDETR_MSDA_BY_WIDTH(backward_pairs, scalar_t)                                                             \
   }
 
 MFDETR_MSDA_CPU_ENTRIES(float)
@@ -154,6 +152,7 @@ MFDETR_MSDA_CPU_ENTRIES(double)
 MFDETR_MSDA_CPU_ENTRIES(at::Half)
 MFDETR_MSDA_CPU_ENTRIES(at::BFloat16)
 #undef MFDETR_MSDA_CPU_ENTRIES
+#undef MFDETR_MSDA_BY_WIDTH
 
 // spatial_shapes / level_start_index against value's S (cheap on CPU; a CUDA kernel would need a sync).
 void check_levels_cpu(const MsDeformAttnSizes& s, const at::Tensor& spatial_shapes,
@@ -205,32 +204,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
                                              attention_weights);
   check_ms_deform_attn_grad_output(grad_output, value, s);
   check_levels_cpu(s, spatial_shapes, level_start_index);
-  const auto acc_dtype = at::toOpMathType(value.scalar_type());
-  // head-major [N, M, S, Dh] while the kernel runs (see backward_pairs)
-  at::Tensor grad_value = at::zeros({s.batch, s.heads, s.tokens, s.channels}, value.options().dtype(acc_dtype));
-  // every sample's grad_locations / grad_weights is written when value has pixels and channels
-  const bool compute = attention_weights.numel() > 0 && value.numel() > 0;
-  at::Tensor grad_locations = compute ? at::empty(sampling_locations.sizes(), sampling_locations.options())
-                                      : at::zeros(sampling_locations.sizes(), sampling_locations.options());
-  at::Tensor grad_weights = compute ? at::empty(attention_weights.sizes(), attention_weights.options())
-                                    : at::zeros(attention_weights.sizes(), attention_weights.options());
-  if (compute) {
-    const auto go = grad_output.contiguous(), v = value.permute({0, 2, 1, 3}).contiguous();
-    const auto shapes = spatial_shapes.contiguous();
-    const auto starts = level_start_index.contiguous(), loc = sampling_locations.contiguous();
-    const auto w = attention_weights.contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
-      const Buffers<scalar_t> b{v.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
-                                starts.const_data_ptr<int64_t>(), loc.const_data_ptr<scalar_t>(),
-                                w.const_data_ptr<scalar_t>(), nullptr, go.const_data_ptr<scalar_t>(),
-                                grad_value.mutable_data_ptr<at::opmath_type<scalar_t>>(),
-                                grad_locations.mutable_data_ptr<scalar_t>(), grad_weights.mutable_data_ptr<scalar_t>()};
-      at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
-        std::vector<at::opmath_type<scalar_t>> scratch(s.channels);
-        backward_range(s, b, begin, end, scratch.data());
-      });
-    });
+  if (attention_weights.numel() == 0 || value.numel() == 0) {
+    return {at::zeros(value.sizes(), value.options()),
+            at::zeros(sampling_locations.sizes(), sampling_locations.options()),
+            at::zeros(attention_weights.sizes(), attention_weights.options())};
   }
+  // head-major [N, M, S, Dh] while the kernel runs (see backward_pairs); every sample's
+  // grad_locations / grad_weights is written
+  at::Tensor grad_value = at::zeros({s.batch, s.heads, s.tokens, s.channels},
+                                    value.options().dtype(at::toOpMathType(value.scalar_type())));
+  at::Tensor grad_locations = at::empty(sampling_locations.sizes(), sampling_locations.options());
+  at::Tensor grad_weights = at::empty(attention_weights.sizes(), attention_weights.options());
+  const auto go = grad_output.contiguous(), v = value.permute({0, 2, 1, 3}).contiguous();
+  const auto shapes = spatial_shapes.contiguous(), starts = level_start_index.contiguous();
+  const auto loc = sampling_locations.contiguous(), w = attention_weights.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+    const Buffers<scalar_t> b{v.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
+                              starts.const_data_ptr<int64_t>(), loc.const_data_ptr<scalar_t>(),
+                              w.const_data_ptr<scalar_t>(), nullptr, go.const_data_ptr<scalar_t>(),
+                              grad_value.mutable_data_ptr<at::opmath_type<scalar_t>>(),
+                              grad_locations.mutable_data_ptr<scalar_t>(), grad_weights.mutable_data_ptr<scalar_t>()};
+    at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<at::opmath_type<scalar_t>> scratch(s.channels);
+      backward_range(s, b, begin, end, scratch.data());
+    });
+  });
   at::Tensor grad_value_out = at::empty(value.sizes(), value.options());  // back to [N, S, M, Dh]
   grad_value_out.copy_(grad_value.permute({0, 2, 1, 3}));
   return {grad_value_out, grad_locations, grad_weights};
