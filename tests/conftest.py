@@ -23,8 +23,9 @@ SMALL_HEAD = ["head.image_encoder_layers=1", "head.box_dim=64", "head.box_encode
               "head.num_points=1024", "train.log_every=1"]
 
 
-def records_equal(a, b) -> bool:
-    """Two :class:`~pipeline.record.SampleRecord` s hold identical tensors (dtype included) and metadata."""
+def record_fields(a, b):
+    """``(name, x, y)`` for each field of two :class:`~pipeline.record.SampleRecord` s; a dict of
+    tensors (encoder tokens by layer) gives its sorted keys, then one entry per key."""
     import dataclasses
 
     import torch
@@ -32,9 +33,19 @@ def records_equal(a, b) -> bool:
     for f in dataclasses.fields(a):
         x, y = getattr(a, f.name), getattr(b, f.name)
         if isinstance(x, dict) and x and all(isinstance(v, torch.Tensor) for v in x.values()):
-            if sorted(x) != sorted(y) or not all(v.dtype == y[k].dtype and torch.equal(v, y[k]) for k, v in x.items()):
-                return False
-        elif isinstance(x, torch.Tensor):
+            yield f"{f.name} keys", sorted(x), sorted(y)
+            if sorted(x) == sorted(y):
+                yield from ((f"{f.name}[{k}]", v, y[k]) for k, v in x.items())
+        else:
+            yield f.name, x, y
+
+
+def records_equal(a, b) -> bool:
+    """Two :class:`~pipeline.record.SampleRecord` s hold identical tensors (dtype included) and metadata."""
+    import torch
+
+    for _, x, y in record_fields(a, b):
+        if isinstance(x, torch.Tensor):
             if x.dtype != y.dtype or not torch.equal(x, y):
                 return False
         elif x != y:

@@ -19,7 +19,7 @@ import zarr
 
 from pipeline.cache import DONE, PENDING, SKIPPED, FeatureCache
 
-from .conftest import COCO_ROOT, REPO, SMALL_EXTRACT, records_equal, require_coco, run_cli
+from .conftest import COCO_ROOT, REPO, SMALL_EXTRACT, record_fields, records_equal, require_coco, run_cli
 
 
 def _arrays(path: Path) -> dict:
@@ -274,16 +274,13 @@ def test_batch_of_same_size_images_equals_batch_one(tmp_path, small_caches):
 
 def _assert_records_within_one_float32_ulp(a, b):
     """Integer tensors and metadata equal; float tensors within one float32 rounding step."""
-    for f in dataclasses.fields(a):
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        pairs = [(f"{f.name}[{k}]", v, y[k]) for k, v in x.items()] if isinstance(x, dict) and x else [(f.name, x, y)]
-        for name, u, v in pairs:
-            if isinstance(u, torch.Tensor) and u.is_floating_point():
-                torch.testing.assert_close(u, v, rtol=2.0 ** -23, atol=0.0, msg=name)
-            elif isinstance(u, torch.Tensor):
-                assert u.dtype == v.dtype and torch.equal(u, v), name
-            else:
-                assert u == v, name
+    for name, x, y in record_fields(a, b):
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            torch.testing.assert_close(x, y, rtol=2.0 ** -23, atol=0.0, msg=name)
+        elif isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and torch.equal(x, y), name
+        else:
+            assert x == y, name
 
 
 def test_float64_batch_of_two_equals_batch_one(tmp_path):
@@ -306,8 +303,9 @@ def test_float64_batch_of_two_equals_batch_one(tmp_path):
     one, two = FeatureCache.open(tmp_path / "b1.zarr"), FeatureCache.open(tmp_path / "b2.zarr")
     inline = FeatureCache.open(tmp_path / "b2_inline.zarr")
     for i in range(2):
-        assert records_equal(two.read(i, [4, 6]), inline.read(i, [4, 6]))
-        _assert_records_within_one_float32_ulp(two.read(i, [4, 6]), one.read(i, [4, 6]))
+        record = two.read(i, [4, 6])
+        assert records_equal(record, inline.read(i, [4, 6]))
+        _assert_records_within_one_float32_ulp(record, one.read(i, [4, 6]))
 
 
 def test_local_cluster_equals_single_process_and_failed_units_are_reported(tmp_path, small_caches):
