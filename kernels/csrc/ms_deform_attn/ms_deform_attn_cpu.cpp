@@ -32,6 +32,16 @@ struct Buffers {
   scalar_t* grad_weights;
 };
 
+// The bilinear corners of sample i (its location (x, y) in [0, 1] of a height x width level, at
+// pixel coordinate (x * width - 0.5, y * height - 0.5): the convention of ms_deform_attn.h).
+template <typename scalar_t>
+MFDETR_FORCE_INLINE BilinearCorners<at::opmath_type<scalar_t>> sample_corners(const Buffers<scalar_t>& b, int64_t i,
+                                                                             int64_t height, int64_t width) {
+  using acc_t = at::opmath_type<scalar_t>;
+  return BilinearCorners<acc_t>(static_cast<acc_t>(b.locations[2 * i]) * width - acc_t(0.5),
+                                static_cast<acc_t>(b.locations[2 * i + 1]) * height - acc_t(0.5), height, width);
+}
+
 // Forward of queries [begin, end) of the flattened (batch, query) range. kDh > 0: the channel
 // count is a compile-time constant (the accumulator lives in registers); 0: s.channels, with
 // `scratch` (s.channels values) as the accumulator.
@@ -53,9 +63,7 @@ MFDETR_FORCE_INLINE void forward_rows(const MsDeformAttnSizes& s, const Buffers<
         for (int64_t p = 0; p < s.points; ++p) {
           const int64_t i = sample0 + l * s.points + p;
           const acc_t a = static_cast<acc_t>(b.weights[i]);
-          const BilinearCorners<acc_t> corners(static_cast<acc_t>(b.locations[2 * i]) * width - acc_t(0.5),
-                                               static_cast<acc_t>(b.locations[2 * i + 1]) * height - acc_t(0.5),
-                                               height, width);
+          const auto corners = sample_corners(b, i, height, width);
           for (int k = 0; k < 4; ++k) {
             if (corners.index[k] < 0) continue;
             const acc_t coeff = a * corners.weight[k];
@@ -97,9 +105,7 @@ MFDETR_FORCE_INLINE void backward_pairs(const MsDeformAttnSizes& s, const Buffer
         for (int64_t p = 0; p < s.points; ++p) {
           const int64_t i = sample0 + l * s.points + p;
           const acc_t a = static_cast<acc_t>(b.weights[i]);
-          const BilinearCorners<acc_t> corners(static_cast<acc_t>(b.locations[2 * i]) * width - acc_t(0.5),
-                                               static_cast<acc_t>(b.locations[2 * i + 1]) * height - acc_t(0.5),
-                                               height, width);
+          const auto corners = sample_corners(b, i, height, width);
           acc_t sample = 0, grad_x = 0, grad_y = 0;
           for (int k = 0; k < 4; ++k) {
             if (corners.index[k] < 0) continue;
